@@ -1,0 +1,103 @@
+"""Images/s that the training data pipeline sustains on this machine's CPUs, for ImageNet-sized JPEGs.
+
+Writes a few thousand synthetic JPEGs with ImageNet's typical sizes (about 400x350 px, quality 90: smooth
+colour fields plus noise, so they compress like photos rather than like flat colour or pure noise), then
+times train.py's own pipeline (kat.data: ImageFolderDataset + the recipe's timm transforms with RandAugment
+and random erasing, torch DataLoader with pinned memory) at the recipe's batch size. Compare the result with
+the GPU's training rate from bench_train.py: a loader slower than the GPU starves it.
+
+    python bench/bench_loader.py --num_images 4000 --json $OUT/loader.json
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kat.data import ImageFolderDataset, build_transforms  # noqa: E402
+from kat.training.config import parse_config  # noqa: E402
+
+
+def write_jpeg(args) -> int:
+    path, seed = args
+    rng = np.random.default_rng(seed)
+    width, height = int(rng.normal(440, 70)), int(rng.normal(380, 60))
+    width, height = max(200, min(width, 800)), max(200, min(height, 700))
+    coarse = rng.uniform(0, 255, size=(height // 32 + 2, width // 32 + 2, 3)).astype(np.uint8)
+    image = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+    pixels = np.asarray(image, dtype=np.int16) + rng.normal(0, 12, size=(height, width, 3)).astype(np.int16)
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+    return path.stat().st_size
+
+
+def make_images(root: Path, num_images: int, num_classes: int) -> float:
+    """Write the JPEGs (in parallel) unless they are there already; returns the mean file size in KB."""
+    jobs = []
+    for i in range(num_images):
+        folder = root / "train" / f"n{i % num_classes:08d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        jobs.append((folder / f"img_{i:06d}.JPEG", i))
+    with Pool(os.cpu_count()) as pool:
+        sizes = pool.map(write_jpeg, jobs, chunksize=16)
+    return sum(sizes) / len(sizes) / 1024
+
+
+def time_loader(dataset, batch: int, workers: int, batches: int) -> float:
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch, shuffle=True, num_workers=workers, pin_memory=torch.cuda.is_available(),
+        drop_last=True, persistent_workers=False, prefetch_factor=4 if workers else None,
+    )
+    iterator = iter(loader)
+    for _ in range(min(3, batches)):  # worker start-up and first batches
+        next(iterator)
+    start = time.perf_counter()
+    count = 0
+    for _ in range(batches):
+        images, _ = next(iterator)
+        count += images.shape[0]
+    return count / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=Path("/tmp/kat_loader_bench"))
+    parser.add_argument("--num_images", type=int, default=4000)
+    parser.add_argument("--config", default="kat_s.yaml", help="training config whose augmentation is timed")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--workers", default=None, help="comma list of worker counts; default: cpu_count")
+    parser.add_argument("--batches", type=int, default=20, help="timed batches per worker count")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    cpus = os.cpu_count()
+    workers = [int(w) for w in args.workers.split(",")] if args.workers else [cpus]
+    mean_kb = make_images(args.root, args.num_images, num_classes=100)
+    cfg = parse_config(["--config", args.config])
+    data_config = {"input_size": [3, 224, 224], "interpolation": "bicubic", "mean": [0.485, 0.456, 0.406],
+                   "std": [0.229, 0.224, 0.225], "crop_pct": 0.875}
+    train_transform, _ = build_transforms(cfg, data_config)
+    dataset = ImageFolderDataset(args.root / "train", train_transform, cfg.max_bad_images)
+
+    results = {"cpus": cpus, "num_images": len(dataset), "mean_jpeg_kb": mean_kb, "config": args.config,
+               "augmentation": {"aa": cfg.aa, "reprob": cfg.reprob, "scale": cfg.scale}, "batch": args.batch,
+               "command": " ".join(sys.argv), "runs": []}
+    for w in workers:
+        rate = time_loader(dataset, args.batch, w, args.batches)
+        results["runs"].append({"workers": w, "images_per_sec": rate})
+        print(f"workers {w:3d}: {rate:8.0f} images/s  ({rate / max(w, 1):.0f} per worker)", flush=True)
+    print(f"{len(dataset)} JPEGs, mean {mean_kb:.0f} KB, {cpus} CPUs, augmentation of {args.config}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,450 @@
+"""Evaluate a checkpoint on an ImageFolder split: top-1, top-5, loss, images/s.
+
+    python eval.py --checkpoint checkpoints/<run>                        # a run dir: its latest checkpoint
+    python eval.py --checkpoint checkpoints/<run>/step-00001234 --ema    # one checkpoint, its EMA weights
+    python eval.py --checkpoint kat_small.pth --model kat_small_patch16_224 --data /data/imagenet
+    accelerate launch --num_processes 8 eval.py --checkpoint ... --json results.json
+
+Our own checkpoints carry the model name, its kwargs, the class names, the data config and the data dir in
+meta.json. Any other weight file (.pth/.pt/.bin/.safetensors, e.g. a published KAT checkpoint) needs --model
+and --data; it is loaded through timm's pretrained path so the model's checkpoint filter can handle wrapper
+keys and position-embedding resizing. Checkpoints are data, never code: torch.load(weights_only=True) or
+safetensors, nothing else. Counts are exact under several processes (see kat.evaluation.evaluate).
+
+Bad input (missing or corrupt checkpoint, wrong architecture, dataset that does not match the head, missing
+split folder) ends with one line on stderr and exit code 2.
+"""
+
+import argparse
+import json
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import timm
+import torch
+from accelerate import Accelerator
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
+from timm.data import create_transform, resolve_data_config
+from timm.models import clean_state_dict
+from tqdm.auto import tqdm
+
+import kat  # noqa: F401  (registers the KAT models with timm)
+from kat.data import DataError, ImageFolderDataset
+from kat.evaluation import evaluate
+from kat.training.checkpoint import EMA_FILE, META_FILE, MODEL_FILE, read_checkpoint, resolve_checkpoint
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+WRAPPER_KEYS = ("state_dict", "model")  # where training scripts (timm, DeiT) nest the weights
+EMA_WRAPPER_KEYS = ("state_dict_ema", "model_ema")
+
+
+class EvalError(Exception):
+    """A problem with the user's input, reported as one line without a traceback."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="run dir (-> its latest checkpoint), step-XXXXXXXX dir, or a weight file",
+    )
+    p.add_argument("--model", help="timm model name; required for weight files without meta.json")
+    p.add_argument(
+        "--data", help="dataset root holding <split>/<class>/<image>; default: the training data dir"
+    )
+    p.add_argument("--split", default="val", help="split folder under --data (default: val)")
+    p.add_argument(
+        "--ema", action="store_true", help="evaluate the EMA weights (error if the checkpoint has none)"
+    )
+    p.add_argument("--batch_size", "--batch-size", type=int, default=128, help="per-process batch size")
+    p.add_argument("--workers", type=int, default=4, help="data-loading processes per evaluating process")
+    p.add_argument(
+        "--amp",
+        choices=sorted(AMP_DTYPES),
+        default="none",
+        help="autocast dtype for the forward pass (default: none = fp32)",
+    )
+    p.add_argument("--img_size", "--img-size", type=int, help="override the input resolution")
+    p.add_argument("--crop_pct", "--crop-pct", type=float, help="override the center-crop fraction")
+    p.add_argument("--interpolation", help="override the resize interpolation (bicubic, bilinear, ...)")
+    p.add_argument("--mean", type=float, nargs=3, help="override the normalisation mean")
+    p.add_argument("--std", type=float, nargs=3, help="override the normalisation std")
+    p.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
+    p.add_argument("--no_progress", "--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.workers < 0:
+        p.error(f"--workers must be >= 0, got {args.workers}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading weights
+
+
+def read_weight_file(path: Path) -> dict:
+    """Read a .safetensors file or a torch.save file as tensors only (never unpickling code)."""
+    try:
+        if path.suffix == ".safetensors":
+            return load_safetensors(str(path), device="cpu")
+        # argparse.Namespace: timm and DeiT training checkpoints store their command line in 'args'.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsafe = _unsafe_globals(path)
+        if unsafe:
+            raise EvalError(
+                f"{path} holds pickled Python objects ({_abbrev(unsafe)}), not just tensors; it is not "
+                "loaded because checkpoints are data, never code. Re-save it as a plain state_dict "
+                "(torch.save(model.state_dict(), ...)) or as .safetensors"
+            ) from e
+        raise EvalError(f"cannot read {path}: it is truncated or corrupt ({_first_sentence(e)})") from e
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise EvalError(f"cannot read {path}: it is truncated or corrupt ({_first_sentence(e)})") from e
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """Names of the non-tensor Python objects a torch.save file would unpickle (scanned, not executed)."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError):  # not a readable torch.save file
+        return []
+
+
+def unwrap_state_dict(checkpoint, path: Path, ema: bool) -> tuple[dict, dict]:
+    """Find the model weights in a training checkpoint; returns (state_dict, other top-level entries).
+
+    Unlike timm's load_state_dict we never pick EMA weights unless asked, so that `--ema` means one thing.
+    """
+    if not isinstance(checkpoint, dict):
+        raise EvalError(f"{path} holds a {type(checkpoint).__name__}, not a state_dict")
+    keys = EMA_WRAPPER_KEYS if ema else WRAPPER_KEYS
+    found = next((k for k in keys if isinstance(checkpoint.get(k), dict)), None)
+    if found is not None:
+        state_dict, extra = checkpoint[found], {k: v for k, v in checkpoint.items() if k != found}
+    elif ema:
+        raise EvalError(
+            f"--ema: {path} holds no EMA weights (no {' or '.join(repr(k) for k in EMA_WRAPPER_KEYS)} "
+            "entry); drop --ema"
+        )
+    else:
+        state_dict, extra = checkpoint, {}
+    state_dict = clean_state_dict(state_dict)  # drops 'module.' / '_orig_mod.' wrapper prefixes
+    non_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if non_tensors:
+        raise EvalError(
+            f"{path}: entries {_abbrev(non_tensors)} are not tensors; is this a model state_dict?"
+        )
+    return state_dict, extra
+
+
+def describe_mismatch(model_state: dict, checkpoint_state: dict) -> str:
+    """Missing / unexpected / shape-mismatched keys, abbreviated; '' when the checkpoint fits."""
+    missing = [k for k in model_state if k not in checkpoint_state]
+    unexpected = [k for k in checkpoint_state if k not in model_state]
+    shapes = [
+        f"{k} (checkpoint {list(checkpoint_state[k].shape)}, model {list(v.shape)})"
+        for k, v in model_state.items()
+        if k in checkpoint_state and checkpoint_state[k].shape != v.shape
+    ]
+    parts = []
+    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+        if keys:
+            parts.append(f"{len(keys)} {label}: {_abbrev(keys)}")
+    return "; ".join(parts)
+
+
+def check_model_name(name: str) -> None:
+    if not timm.is_model(name):
+        raise EvalError(f"unknown model {name!r}: not a registered timm model (see timm.list_models())")
+
+
+def head_num_classes(model_name: str, state_dict: dict) -> int | None:
+    """Class count of the checkpoint's classifier, read from its weight (None if it has no such key)."""
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    classifiers = (cfg.classifier if cfg else None) or "head"
+    for name in (classifiers,) if isinstance(classifiers, str) else classifiers:
+        weight = state_dict.get(f"{name}.weight")
+        if weight is not None:
+            return weight.shape[0]
+    return None
+
+
+def load_external_model(name: str, state_dict: dict, path: Path):
+    """Build timm model `name` from a foreign weight file, through the model's checkpoint filter."""
+    check_model_name(name)
+    num_classes = head_num_classes(name, state_dict)
+    head = {"num_classes": num_classes} if num_classes is not None else {}
+    # The overlay's num_classes tells timm that the head in `state_dict` is the one to keep (it drops heads
+    # whose class count differs from the pretrained config's, and then loads non-strictly).
+    overlay = dict(state_dict=state_dict, **head)
+    try:
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **head)
+    except (RuntimeError, KeyError, ValueError) as e:  # load_state_dict, or a checkpoint filter, refused it
+        reference = timm.create_model(name, pretrained=False, **head)
+        mismatch = describe_mismatch(reference.state_dict(), state_dict) or _first_line(e)
+        raise EvalError(f"{path} does not fit model {name}: {mismatch}") from e
+    model.pretrained_cfg.pop("state_dict", None)  # do not keep a second reference to the weights
+    return model
+
+
+def load_run_checkpoint(path: Path, ema: bool, model_name: str | None):
+    """A kat training checkpoint (run dir -> its latest, or a step dir): the model is described in meta.json."""
+    try:
+        ckpt_dir = resolve_checkpoint(path)
+    except (OSError, ValueError) as e:
+        raise EvalError(_first_line(e)) from e
+    try:
+        state_dict, meta = read_checkpoint(ckpt_dir, ema=ema)
+    except SafetensorError as e:
+        weights = ckpt_dir / (EMA_FILE if ema else MODEL_FILE)
+        raise EvalError(f"cannot read {weights}: it is truncated or corrupt ({_first_sentence(e)})") from e
+    except (OSError, ValueError) as e:
+        raise EvalError(_first_line(e)) from e
+    if model_name and model_name != meta["model"]:
+        raise EvalError(f"{ckpt_dir} holds a {meta['model']} model, not {model_name}; drop --model")
+
+    check_model_name(meta["model"])
+    kwargs = {**(meta.get("model_kwargs") or {}), "num_classes": meta["num_classes"]}
+    model = timm.create_model(meta["model"], **kwargs)
+    mismatch = describe_mismatch(model.state_dict(), state_dict)
+    if mismatch:
+        raise EvalError(f"{ckpt_dir} does not fit model {meta['model']}({kwargs}): {mismatch}")
+    model.load_state_dict(state_dict, strict=True)
+    identity = dict(
+        model=meta["model"], checkpoint=str(ckpt_dir), step=meta.get("step"), epoch=meta.get("epoch"), ema=ema
+    )
+    return model, identity, meta
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resolving what to evaluate
+
+
+def load_checkpoint(args) -> tuple[torch.nn.Module, dict, dict | None]:
+    """Returns (model, identity, meta): identity says which weights these are; meta is None for foreign files."""
+    path = Path(args.checkpoint)
+    if not path.exists():
+        raise EvalError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        return load_run_checkpoint(path, args.ema, args.model)
+    if (path.parent / META_FILE).is_file():  # a file inside one of our checkpoint dirs
+        if path.name not in (MODEL_FILE, EMA_FILE) or (args.ema and path.name == MODEL_FILE):
+            raise EvalError(
+                f"{path}: pass the checkpoint directory {path.parent} (with --ema for the EMA weights)"
+            )
+        return load_run_checkpoint(path.parent, path.name == EMA_FILE, args.model)
+
+    if not args.model:
+        raise EvalError(f"{path} has no meta.json beside it, so pass --model NAME (a timm model name)")
+    state_dict, extra = unwrap_state_dict(read_weight_file(path), path, args.ema)
+    model = load_external_model(args.model, state_dict, path)
+    epoch = extra.get("epoch")
+    identity = dict(
+        model=args.model,
+        checkpoint=str(path),
+        step=None,
+        epoch=epoch if isinstance(epoch, int) else None,
+        ema=args.ema,
+    )
+    return model, identity, None
+
+
+def resolve_eval_data_config(model, meta: dict | None, args) -> dict:
+    """Flags override the checkpoint's data config (ours) or the model's pretrained_cfg (timm's)."""
+    overrides = dict(
+        img_size=args.img_size,
+        crop_pct=args.crop_pct,
+        interpolation=args.interpolation,
+        mean=args.mean,
+        std=args.std,
+    )
+    if meta is not None and meta.get("data_config"):
+        return resolve_data_config(overrides, pretrained_cfg=meta["data_config"])
+    return resolve_data_config(overrides, model=model, use_test_size=True)
+
+
+def data_dir_of(meta: dict | None, args) -> Path:
+    if args.data:
+        return Path(args.data)
+    data_dir = (meta or {}).get("data_dir") or ((meta or {}).get("config") or {}).get("data_dir")
+    if not data_dir:
+        raise EvalError("no dataset given: pass --data DIR (a folder holding <split>/<class>/<image>)")
+    return Path(data_dir)
+
+
+def build_dataset(data_dir: Path, split: str, data_config: dict) -> ImageFolderDataset:
+    """The training pipeline's ImageFolder (same class order), with no tolerance for unreadable images."""
+    split_dir = data_dir / split
+    if not split_dir.is_dir():
+        raise EvalError(
+            f"split folder {split_dir} does not exist (expected {data_dir}/<split>/<class>/<image>); "
+            "check --data and --split"
+        )
+    transform = create_transform(**data_config, is_training=False)
+    try:
+        dataset = ImageFolderDataset(split_dir, transform, max_bad_images=0)
+    except (DataError, FileNotFoundError) as e:
+        raise EvalError(_first_line(e)) from e
+    if len(dataset) == 0:
+        raise EvalError(f"{split_dir} holds no images (expected {split_dir}/<class>/<image>)")
+    return dataset
+
+
+def check_classes(dataset: ImageFolderDataset, model, meta: dict | None, split_dir: Path) -> None:
+    """The dataset's labels must mean what the head's outputs mean, or the accuracy is meaningless."""
+    num_classes = model.num_classes
+    if len(dataset.classes) != num_classes:
+        raise EvalError(
+            f"{split_dir} has {len(dataset.classes)} class folders but the model head has "
+            f"{num_classes} outputs; evaluate on the dataset the model was trained for"
+        )
+    class_names = (meta or {}).get("class_names")
+    if class_names and list(class_names) != dataset.classes:
+        differ = [
+            f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(dataset.classes, class_names)) if a != b
+        ]
+        raise EvalError(
+            f"{split_dir} class folders differ from the checkpoint's class_names "
+            f"(dataset vs checkpoint) at {_abbrev(differ)}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running and reporting
+
+
+def rational_backend(model, device) -> str | None:
+    """Which GR-KAN implementation runs (KAT models only)."""
+    if not any(type(m).__name__ == "GroupRational" for m in model.modules()):
+        return None
+    from kat.rational import active_backend
+
+    return active_backend(torch.empty(0, device=device))
+
+
+def format_table(r: dict) -> str:
+    ident = (
+        f"{r['model']}"
+        + (f", step {r['step']}" if r["step"] is not None else "")
+        + (f", epoch {r['epoch']}" if r["epoch"] is not None else "")
+        + (", EMA weights" if r["ema"] else "")
+    )
+    dc = r["data_config"]
+    rows = [
+        ("checkpoint", r["checkpoint"]),
+        ("model", ident),
+        ("data", f"{r['data_dir']}/{r['split']}: {r['num_images']} images, {r['num_classes']} classes"),
+        (
+            "transform",
+            f"{dc['input_size'][1]}x{dc['input_size'][2]} {dc['interpolation']}, crop {dc['crop_pct']:.3f}",
+        ),
+        (
+            "device",
+            f"{r['device']} x {r['num_processes']} process(es), amp {r['amp']}"
+            + (f", GR-KAN backend {r['rational_backend']}" if r["rational_backend"] else ""),
+        ),
+        ("top-1", f"{r['top1']:.3f} %"),
+        ("top-5", f"{r['top5']:.3f} %"),
+        ("loss", f"{r['loss']:.4f}"),
+        ("images/s", f"{r['images_per_sec']:.1f}"),
+    ]
+    return "\n".join(f"  {k:<12}{v}" for k, v in rows)
+
+
+def write_json(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, path)  # atomic: a reader never sees half a file
+
+
+def run(args) -> dict:
+    model, identity, meta = load_checkpoint(args)
+    data_config = resolve_eval_data_config(model, meta, args)
+    data_dir = data_dir_of(meta, args)
+    dataset = build_dataset(data_dir, args.split, data_config)
+    check_classes(dataset, model, meta, data_dir / args.split)
+
+    accelerator = Accelerator()  # after the input checks, so that bad input fails before any process group
+
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=False,
+        num_workers=args.workers,
+        pin_memory=accelerator.device.type == "cuda",
+        persistent_workers=False,
+    )
+    loader = accelerator.prepare_data_loader(loader)  # shards across processes; evaluate() de-duplicates
+    model = model.to(accelerator.device)
+
+    bar = tqdm(
+        total=len(loader),
+        desc="eval",
+        unit="batch",
+        file=sys.stderr,
+        disable=args.no_progress or not accelerator.is_main_process,
+    )
+    metrics = evaluate(
+        model, loader, accelerator, amp_dtype=AMP_DTYPES[args.amp], progress=lambda _: bar.update(1)
+    )
+    bar.close()
+    if dataset.num_bad_images:  # kat.data substituted the next readable image for each; the counts are off
+        raise EvalError(
+            f"{dataset.num_bad_images} image(s) under {data_dir / args.split} could not be read (named in the "
+            "warnings above); fix or remove them and evaluate again"
+        )
+
+    results = {
+        **{k: metrics[k] for k in ("top1", "top5", "loss", "images_per_sec", "num_images")},
+        **identity,
+        "split": args.split,
+        "data_dir": str(data_dir),
+        "num_classes": len(dataset.classes),
+        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
+        "batch_size": args.batch_size,
+        "amp": args.amp,
+        "device": str(accelerator.device),
+        "num_processes": accelerator.num_processes,
+        "rational_backend": rational_backend(model, accelerator.device),
+        "versions": {"torch": torch.__version__, "timm": timm.__version__},
+    }
+    if accelerator.is_main_process:
+        print(format_table(results))
+        if args.json:
+            write_json(Path(args.json), results)
+    return results
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except EvalError as e:
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
+def _first_sentence(e: BaseException) -> str:
+    return _first_line(e).split(". ")[0]
+
+
+def _abbrev(items: list, limit: int = 5) -> str:
+    shown = ", ".join(str(i) for i in items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

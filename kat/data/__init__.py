@@ -1,0 +1,18 @@
+"""Data pipeline: ImageFolder datasets with layout checks and bad-image skipping, a resumable sampler, and
+timm transforms/Mixup. The embedded demo set lives in data/demo/ (built by data/prepare_demo.py)."""
+
+from kat.data.dataset import DataError, ImageFolderDataset, build_datasets, check_layout
+from kat.data.sampler import ResumableSampler
+from kat.data.transforms import build_mixup, build_train_loss, build_transforms, resolve_data_config
+
+__all__ = [
+    "DataError",
+    "ImageFolderDataset",
+    "ResumableSampler",
+    "build_datasets",
+    "build_mixup",
+    "build_train_loss",
+    "build_transforms",
+    "check_layout",
+    "resolve_data_config",
+]

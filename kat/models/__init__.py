@@ -1,0 +1,13 @@
+"""KAT models for timm. Importing this package registers kat_{tiny,small,base}[_patch16_224] with timm."""
+
+from kat.models.kat import KANMlp, Kat, init_mimetic_attention
+from kat.models.pretrained import CheckpointMismatchError, checkpoint_filter_fn, load_checkpoint_file
+
+__all__ = [
+    "CheckpointMismatchError",
+    "KANMlp",
+    "Kat",
+    "checkpoint_filter_fn",
+    "init_mimetic_attention",
+    "load_checkpoint_file",
+]

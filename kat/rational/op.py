@@ -1,0 +1,141 @@
+"""`group_rational`: the GR-KAN activation as a torch.library custom op with backend selection.
+
+Two custom ops, `kat::group_rational_fwd` and `kat::group_rational_bwd`, with fake (meta) implementations and
+an autograd registration: torch.compile(fullgraph=True) traces them as single nodes (no graph breaks) and
+autocast leaves them alone, so a bf16 activation stays bf16 end to end (no cast kernels, and only x in its own
+dtype is saved for backward). The backend is a string argument of the op, resolved in Python beforehand:
+  'triton': kat.rational.kernels (CUDA tensors; CPU tensors run in the Triton interpreter, TRITON_INTERPRET=1)
+  'torch':  kat.rational.reference, the same function and gradients in plain PyTorch.
+"""
+
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+from kat.rational import reference
+
+BACKENDS = ("triton", "torch")
+ENV_VAR = "KAT_RATIONAL_BACKEND"
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _kernels():
+    # Imported on first use, so that `import kat` does not import triton (TRITON_INTERPRET is read when the
+    # kernels are decorated, and tests set it before that).
+    from kat.rational import kernels
+
+    return kernels
+
+
+def active_backend(x: Tensor, backend: str | None = None) -> str:
+    """The backend `group_rational(x, ..., backend)` runs: 'triton' or 'torch'.
+
+    An explicit 'triton'/'torch' argument wins; otherwise (None or 'auto') the environment variable
+    KAT_RATIONAL_BACKEND=triton|torch|auto decides, and 'auto' means Triton for CUDA tensors (float32, bfloat16,
+    float16) when triton is installed, PyTorch otherwise (CPU, float64).
+    """
+    choice = backend if backend is not None else "auto"
+    if choice == "auto":
+        choice = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+        if choice not in (*BACKENDS, "auto"):
+            raise ValueError(f"{ENV_VAR}={os.environ[ENV_VAR]!r} is not one of 'triton', 'torch', 'auto'")
+    elif choice not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of None, 'auto', 'triton', 'torch'")
+    if choice == "auto":
+        use_triton = _HAS_TRITON and x.is_cuda and x.dtype != torch.float64
+        choice = "triton" if use_triton else "torch"
+    return choice
+
+
+def _check_inputs(x: Tensor, numerator: Tensor, denominator: Tensor) -> None:
+    for name, t in (("x", x), ("numerator", numerator), ("denominator", denominator)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"group_rational: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(
+                f"group_rational: {name} has dtype {t.dtype}; use float32, bfloat16, float16 or float64 "
+                f"(e.g. {name}.float())"
+            )
+    if not (x.device == numerator.device == denominator.device):
+        raise ValueError(
+            f"group_rational: tensors on different devices (x: {x.device}, numerator: {numerator.device}, "
+            f"denominator: {denominator.device}); move them to one device"
+        )
+    if numerator.dim() != 2 or numerator.shape[1] != 6:
+        raise ValueError(f"group_rational: numerator must have shape (Gn, 6), got {tuple(numerator.shape)}")
+    if denominator.dim() != 2 or denominator.shape[1] != 4:
+        raise ValueError(
+            f"group_rational: denominator must have shape (Gd, 4), got {tuple(denominator.shape)}"
+        )
+    groups = max(numerator.shape[0], denominator.shape[0])
+    for name, t in (("numerator", numerator), ("denominator", denominator)):
+        if t.shape[0] not in (1, groups):
+            raise ValueError(
+                f"group_rational: {name} has {t.shape[0]} rows but the groups are {groups}: each coefficient "
+                f"tensor must have 1 row (shared by all groups) or one row per group"
+            )
+    if x.dim() == 0 or x.shape[-1] % groups != 0:
+        channels = x.shape[-1] if x.dim() else None
+        raise ValueError(
+            f"group_rational: x must be [..., C] with C divisible by the {groups} groups; got x of shape "
+            f"{tuple(x.shape)} (C = {channels})"
+        )
+
+
+@torch.library.custom_op("kat::group_rational_fwd", mutates_args=())
+def _group_rational_fwd(x: Tensor, numerator: Tensor, denominator: Tensor, backend: str) -> Tensor:
+    if backend == "triton":
+        return _kernels().rational_forward(x, numerator, denominator)
+    return reference.rational_forward(x, numerator, denominator)
+
+
+@_group_rational_fwd.register_fake
+def _(x, numerator, denominator, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("kat::group_rational_bwd", mutates_args=())
+def _group_rational_bwd(
+    grad_output: Tensor, x: Tensor, numerator: Tensor, denominator: Tensor, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    if backend == "triton":
+        return _kernels().rational_backward(grad_output, x, numerator, denominator)
+    return reference.rational_backward(grad_output, x, numerator, denominator)
+
+
+@_group_rational_bwd.register_fake
+def _(grad_output, x, numerator, denominator, backend):
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(numerator, memory_format=torch.contiguous_format),
+        torch.empty_like(denominator, memory_format=torch.contiguous_format),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, numerator, denominator, backend = inputs
+    ctx.save_for_backward(x, numerator, denominator)  # x in its own dtype: no fp32 copy
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_output):
+    x, numerator, denominator = ctx.saved_tensors
+    dx, d_num, d_den = _group_rational_bwd(grad_output, x, numerator, denominator, ctx.backend)
+    return dx, d_num, d_den, None
+
+
+_group_rational_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def group_rational(x: Tensor, numerator: Tensor, denominator: Tensor, backend: str | None = None) -> Tensor:
+    """F(x) = P(x)/Q(x) per channel group; x [..., C], numerator (Gn, 6), denominator (Gd, 4), Gn, Gd in {1, G}.
+
+    Returns x's shape and dtype; differentiable in all three inputs. Coefficients may have another float dtype
+    than x (e.g. float32 coefficients with bfloat16 x); the math runs in float32 (float64 if any input is).
+    backend: None/'auto' (see `active_backend`), 'triton' or 'torch'.
+    """
+    _check_inputs(x, numerator, denominator)
+    return _group_rational_fwd(x, numerator, denominator, active_backend(x, backend))

@@ -1,0 +1,167 @@
+"""Checkpoints that are complete or absent, never half-written (format: /tmp/team_brief.md, "Checkpoint format").
+
+    <run_dir>/step-00001234/{model.safetensors, ema.safetensors, meta.json, training_state.pt}
+    <run_dir>/latest, <run_dir>/best      text files naming a checkpoint directory
+
+A checkpoint is written into a hidden temp directory, every file fsynced, then renamed into place (rename is
+atomic); the `latest`/`best` pointers are replaced the same way, last. Older checkpoints are pruned only after
+the new one is in place. eval.py needs only resolve_checkpoint/read_checkpoint.
+"""
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "kat-checkpoint/1"
+MODEL_FILE, EMA_FILE, META_FILE, STATE_FILE = "model.safetensors", "ema.safetensors", "meta.json", "training_state.pt"
+_STEP_DIR = re.compile(r"^step-(\d{8,})$")
+_TMP_PREFIX = ".tmp-step-"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _fsync_path(path: Path) -> None:
+    """Flush a file or directory entry to disk (directories can't be opened for fsync on Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (IsADirectoryError, PermissionError):
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_pointer(run_dir: Path, name: str, target: str) -> None:
+    tmp = run_dir / f".{name}.tmp"
+    tmp.write_text(target + "\n")
+    _fsync_path(tmp)
+    os.replace(tmp, run_dir / name)
+    _fsync_path(run_dir)
+
+
+def is_complete(checkpoint_dir: Path) -> bool:
+    """All files present and meta.json readable (a checkpoint copied half-way, say, is not)."""
+    try:
+        meta = json.loads((checkpoint_dir / META_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    needed = [MODEL_FILE, STATE_FILE] + ([EMA_FILE] if meta.get("has_ema") else [])
+    return meta.get("format") == FORMAT and all((checkpoint_dir / f).is_file() for f in needed)
+
+
+def list_checkpoints(run_dir: Path, warn: bool = True) -> list[Path]:
+    """Complete checkpoints of a run, oldest first; incomplete ones are skipped (with a warning if `warn`)."""
+    found = []
+    if not run_dir.is_dir():
+        return found
+    for path in run_dir.iterdir():
+        if path.name.startswith(_TMP_PREFIX):
+            if warn:
+                logger.warning("ignoring %s: an interrupted checkpoint write (removed by the next save)", path)
+        elif _STEP_DIR.match(path.name) and path.is_dir():
+            if is_complete(path):
+                found.append(path)
+            elif warn:
+                logger.warning("ignoring incomplete checkpoint %s (files missing or meta.json unreadable)", path)
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory as itself; a run directory as its newest complete checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint path '{path}' does not exist")
+    if (path / META_FILE).is_file():
+        if not is_complete(path):
+            raise ValueError(f"checkpoint '{path}' is incomplete (a file is missing or meta.json is unreadable)")
+        return path
+    checkpoints = list_checkpoints(path) if path.is_dir() else []
+    if not checkpoints:
+        raise ValueError(
+            f"'{path}' is neither a checkpoint directory (with {META_FILE}) nor a run directory holding a "
+            f"complete step-XXXXXXXX checkpoint"
+        )
+    return checkpoints[-1]
+
+
+def read_checkpoint(path: str | Path, ema: bool = False) -> tuple[dict, dict]:
+    """(state_dict, meta) of a checkpoint or run directory; ema=True returns the EMA weights."""
+    checkpoint_dir = resolve_checkpoint(path)
+    meta = json.loads((checkpoint_dir / META_FILE).read_text())
+    if ema and not meta.get("has_ema"):
+        raise ValueError(f"checkpoint '{checkpoint_dir}' has no EMA weights (the run had model_ema: false)")
+    return load_file(checkpoint_dir / (EMA_FILE if ema else MODEL_FILE)), meta
+
+
+def read_training_state(checkpoint_dir: Path) -> dict:
+    return torch.load(checkpoint_dir / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def _cpu_fp32(state_dict: dict) -> dict:
+    return {
+        k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
+        for k, v in state_dict.items()
+    }
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    *,
+    model_state: dict,
+    ema_state: dict | None,
+    training_state: dict,
+    meta: dict,
+    keep: int,
+    is_best: bool,
+) -> Path:
+    """Write step-XXXXXXXX atomically, then update `latest` (and `best`), then prune old checkpoints."""
+    name = checkpoint_name(step)
+    for stale in run_dir.glob(f"{_TMP_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)  # our own leftovers from an interrupted save
+    tmp = run_dir / f"{_TMP_PREFIX}{step:08d}-{os.getpid()}"
+    tmp.mkdir(parents=True)
+
+    save_file(_cpu_fp32(model_state), tmp / MODEL_FILE, metadata={"format": "pt"})
+    if ema_state is not None:
+        save_file(_cpu_fp32(ema_state), tmp / EMA_FILE, metadata={"format": "pt"})
+    torch.save(training_state, tmp / STATE_FILE)
+    (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, **meta, "has_ema": ema_state is not None}, indent=2))
+    for file in tmp.iterdir():
+        _fsync_path(file)
+    _fsync_path(tmp)
+
+    final = run_dir / name
+    if final.exists():
+        # A resume from an older checkpoint is overwriting history: keep the old one, renamed, rather than lose it.
+        aside = run_dir / f"{name}.replaced-{int(time.time())}"
+        logger.warning("%s already exists (from an earlier run); moving it to %s", final, aside)
+        os.replace(final, aside)
+    os.replace(tmp, final)
+    _fsync_path(run_dir)
+
+    _write_pointer(run_dir, "latest", name)
+    if is_best:
+        _write_pointer(run_dir, "best", name)
+    _prune(run_dir, keep)
+    return final
+
+
+def _prune(run_dir: Path, keep: int) -> None:
+    protected = {(run_dir / p).read_text().strip() for p in ("latest", "best") if (run_dir / p).is_file()}
+    checkpoints = list_checkpoints(run_dir, warn=False)
+    for old in checkpoints[: max(len(checkpoints) - keep, 0)]:
+        if old.name not in protected:
+            shutil.rmtree(old)

@@ -1,0 +1,127 @@
+"""Run records: metrics.jsonl in the run directory and, when available, Weights & Biases (main process only).
+
+metrics.jsonl has one JSON object per line, `type` says which kind:
+  step   every log_interval optimizer steps: step, epoch, loss, lr, grad_norm, images_per_sec, step_time,
+         data_time (+ peak_memory_gb on CUDA)
+  eval   after each evaluation: step, epoch, epoch_time, train_loss, val {top1, top5, loss, ...}, val_ema {...}
+  run    once per launch: what was started or resumed, with which rational backend
+W&B gets the same numbers as train/*, val/*, val_ema/* charts against our own `step` axis (so a resumed run's
+curves continue instead of restarting), the resolved config, and the rational-function plots as images.
+wandb is imported only when used: the GPU machines may not have it.
+"""
+
+import json
+import logging
+import netrc
+import os
+import secrets
+from pathlib import Path
+from urllib.parse import urlparse
+
+logger = logging.getLogger(__name__)
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def _wandb_logged_in() -> bool:
+    """True when W&B credentials exist (env or ~/.netrc, where `wandb login` stores them); no network access."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """'auto' becomes WANDB_MODE if set, else 'online' when logged in and 'offline' otherwise."""
+    if mode != "auto":
+        return mode
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env in ("online", "offline", "disabled"):
+        return env
+    return "online" if _wandb_logged_in() else "offline"
+
+
+class RunTracker:
+    def __init__(self, run_dir: Path, cfg, *, is_main: bool):
+        self.run_dir, self.is_main = run_dir, is_main
+        self.wandb = None
+        if not is_main:
+            return
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 (closed in finish)
+        mode = resolve_wandb_mode(cfg.wandb_mode)
+        if mode == "disabled":
+            return
+        try:
+            import wandb
+        except ImportError:
+            if cfg.wandb_mode != "auto":
+                raise RuntimeError(
+                    f"wandb_mode: {cfg.wandb_mode} needs wandb: `pip install wandb`, or set --wandb_mode disabled"
+                ) from None
+            logger.info("wandb is not installed: logging to metrics.jsonl only")
+            return
+        id_file = run_dir / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+        id_file.write_text(run_id + "\n")
+        self.wandb = wandb.init(
+            project=cfg.wandb_project,
+            entity=cfg.wandb_entity,
+            name=cfg.run_name,
+            tags=cfg.wandb_tags,
+            config=cfg.to_dict(),
+            id=run_id,
+            resume="allow",  # the same id continues the same W&B run after a restart
+            mode=mode,
+            dir=os.environ.get("WANDB_DIR") or str(run_dir),
+        )
+        self.wandb.define_metric("step")
+        self.wandb.define_metric("*", step_metric="step")
+        logger.info("W&B run %s (%s mode)", run_id, mode)
+
+    def _write(self, record: dict) -> None:
+        self.jsonl.write(json.dumps(record) + "\n")
+
+    def log_run(self, record: dict) -> None:
+        if self.is_main:
+            self._write({"type": "run", **record})
+
+    def log_step(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        self._write({"type": "step", **record})
+        if self.wandb is not None:
+            skip = ("step", "epoch")
+            self.wandb.log(
+                {"step": record["step"], "epoch": record["epoch"]}
+                | {f"train/{k}": v for k, v in record.items() if k not in skip}
+            )
+
+    def log_eval(self, record: dict, images: dict[str, Path] | None = None) -> None:
+        if not self.is_main:
+            return
+        self._write({"type": "eval", **record})
+        if self.wandb is not None:
+            import wandb
+
+            data = {"step": record["step"], "epoch": record["epoch"]}
+            for key, value in record.items():
+                if isinstance(value, dict):  # val / val_ema results
+                    data |= {f"{key}/{k}": v for k, v in value.items()}
+                elif key not in data:
+                    data[f"train/{key}" if key == "train_loss" else key] = value
+            data |= {key: wandb.Image(str(path)) for key, path in (images or {}).items()}
+            self.wandb.log(data)
+
+    def log_summary(self, summary: dict) -> None:
+        if self.wandb is not None:
+            self.wandb.summary.update(summary)
+
+    def finish(self) -> None:
+        if not self.is_main:
+            return
+        self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,288 @@
+"""eval.py end to end on CPU: real timm models, real weight files, real image files.
+
+Every run's metrics are checked against a forward pass written out here (same weights, same images), so a
+head that timm silently re-initialised, EMA weights picked by mistake, or a dropped/duplicated image all fail.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+from timm.data import create_transform
+from torchvision.datasets import ImageFolder
+
+import eval as eval_cli
+from kat.training.checkpoint import save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["cat", "dog", "emu"]
+IMAGES_PER_CLASS = (3, 2, 2)  # 7 images: batch size 4 does not divide it
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A 3-class ImageFolder of small random PNG/JPEG files of different sizes (resized by the transform)."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for name, count in zip(CLASSES, IMAGES_PER_CLASS):
+        (root / "val" / name).mkdir(parents=True)
+        for i in range(count):
+            pixels = rng.integers(0, 256, size=(36 + 4 * i, 44, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "val" / name / f"{i}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+def run_eval(*argv):
+    """eval.py's main() in this process (fast: no interpreter start); returns (exit code, stdout, stderr)."""
+    return eval_cli.main([str(a) for a in argv] + ["--workers", "0", "--no_progress"])
+
+
+def reference_metrics(model, data_dir: Path, data_config: dict) -> dict:
+    """Top-1 and mean loss from one plain forward pass over every image."""
+    dataset = ImageFolder(str(data_dir / "val"), transform=create_transform(**data_config, is_training=False))
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    targets = torch.tensor(dataset.targets)
+    with torch.no_grad():
+        logits = model.eval()(images)
+    return {
+        "top1": 100.0 * (logits.argmax(-1) == targets).float().mean().item(),
+        "loss": F.cross_entropy(logits, targets).item(),
+        "num_images": len(dataset),
+    }
+
+
+def assert_matches_reference(results: dict, model, data_dir: Path) -> None:
+    expected = reference_metrics(model, data_dir, results["data_config"])
+    assert results["num_images"] == expected["num_images"] == sum(IMAGES_PER_CLASS)
+    assert results["top1"] == pytest.approx(expected["top1"])
+    assert results["loss"] == pytest.approx(expected["loss"], rel=1e-4)
+
+
+def tiny_vit(**kwargs):
+    """timm's 0.4M-parameter test ViT (160 px, fixed-size input): fast on CPU."""
+    torch.manual_seed(kwargs.pop("seed", 0))
+    return timm.create_model("test_vit", num_classes=len(CLASSES), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weight files from elsewhere: --model NAME
+
+
+def test_published_kat_pth_with_wrappers(tmp_path, data_dir):
+    """A published-style KAT checkpoint: weights under 'model' with DDP 'module.' prefixes, plus the
+    training script's argparse.Namespace (allowed under weights_only) and optimizer entries."""
+    torch.manual_seed(0)
+    model = timm.create_model("kat_tiny_patch16_224", num_classes=len(CLASSES))
+    path = tmp_path / "kat_tiny.pth"
+    torch.save(
+        {
+            "model": {f"module.{k}": v for k, v in model.state_dict().items()},
+            "epoch": 299,
+            "args": argparse.Namespace(model="kat_tiny_patch16_224", lr=1e-3),
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.0}]},
+        },
+        path,
+    )
+    out = tmp_path / "out" / "results.json"
+    assert run_eval("--checkpoint", path, "--model", "kat_tiny_patch16_224", "--data", data_dir,
+                    "--batch_size", 4, "--json", out) == 0
+    results = json.loads(out.read_text())
+    for key in ("top1", "top5", "loss", "images_per_sec", "num_images", "model", "checkpoint", "step", "epoch",
+                "ema", "split", "data_config", "device", "num_processes"):
+        assert key in results, key
+    assert (results["model"], results["epoch"], results["step"], results["ema"]) == (
+        "kat_tiny_patch16_224", 299, None, False)
+    assert results["top5"] == 100.0  # 3 classes
+    assert results["images_per_sec"] > 0
+    # The data config comes from the model's pretrained_cfg: 224 px, crop 0.875, bicubic, ImageNet mean/std.
+    assert results["data_config"]["input_size"] == [3, 224, 224]
+    assert results["data_config"]["crop_pct"] == pytest.approx(model.pretrained_cfg["crop_pct"])
+    assert_matches_reference(results, model, data_dir)
+
+
+def test_safetensors_timm_model_and_overrides(tmp_path, data_dir, capsys):
+    """Any timm model with a local .safetensors file; data-config flags override the pretrained_cfg."""
+    model = tiny_vit()
+    path = tmp_path / "w.safetensors"
+    save_file(model.state_dict(), path)
+    out = tmp_path / "r.json"
+    assert run_eval("--checkpoint", path, "--model", "test_vit", "--data", data_dir, "--batch-size", 4,
+                    "--crop_pct", 0.8, "--interpolation", "bilinear", "--mean", 0.4, 0.4, 0.4, "--json", out) == 0
+    results = json.loads(out.read_text())
+    assert results["data_config"]["crop_pct"] == 0.8
+    assert results["data_config"]["interpolation"] == "bilinear"
+    assert results["data_config"]["mean"] == [0.4, 0.4, 0.4]
+    assert results["data_config"]["std"] == [0.5, 0.5, 0.5]  # test_vit's own
+    assert_matches_reference(results, model, data_dir)
+    table = capsys.readouterr().out
+    assert "top-1" in table and f"{results['top1']:.3f} %" in table and "7 images" in table
+
+
+def test_ema_flag_picks_the_ema_weights(tmp_path, data_dir):
+    model, ema = tiny_vit(seed=1), tiny_vit(seed=2)
+    path = tmp_path / "train_ckpt.pth"
+    torch.save({"state_dict": model.state_dict(), "state_dict_ema": ema.state_dict(), "epoch": 4}, path)
+    for flags, expected in (([], model), (["--ema"], ema)):
+        out = tmp_path / f"r{len(flags)}.json"
+        assert run_eval("--checkpoint", path, "--model", "test_vit", "--data", data_dir, "--json", out,
+                        *flags) == 0
+        results = json.loads(out.read_text())
+        assert results["ema"] == bool(flags)
+        assert_matches_reference(results, expected, data_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Our training checkpoints: everything comes from meta.json
+
+
+def save_run_checkpoint(run_dir: Path, step: int, model, ema=None, data_dir=None, **meta_overrides) -> Path:
+    """One checkpoint written by the training code's own save_checkpoint (the real on-disk format)."""
+    meta = {
+        "model": "test_vit",
+        "model_kwargs": {},
+        "num_classes": len(CLASSES),
+        "class_names": CLASSES,
+        "step": step,
+        "epoch": step // 2,
+        # Not test_vit's defaults (bicubic, crop 0.95): the checkpoint's data config must win.
+        "data_config": {"input_size": [3, 160, 160], "interpolation": "bilinear", "mean": [0.5] * 3,
+                        "std": [0.25] * 3, "crop_pct": 0.9},
+        "config": {"data_dir": str(data_dir)},
+        "metrics": {},
+        **meta_overrides,
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return save_checkpoint(run_dir, step, model_state=model.state_dict(),
+                           ema_state=None if ema is None else ema.state_dict(), training_state={"step": step},
+                           meta=meta, keep=5, is_best=False)
+
+
+def test_run_dir_step_dir_and_ema(tmp_path, data_dir):
+    """A run dir means its latest checkpoint; model, data dir and data config are read from meta.json."""
+    old, new, new_ema = tiny_vit(seed=1), tiny_vit(seed=2), tiny_vit(seed=3)
+    run_dir = tmp_path / "run"
+    step3 = save_run_checkpoint(run_dir, 3, old, data_dir=data_dir)
+    step5 = save_run_checkpoint(run_dir, 5, new, ema=new_ema, data_dir=data_dir)
+    cases = [
+        ([run_dir], new, step5, False),
+        ([run_dir, "--ema"], new_ema, step5, True),
+        ([step3], old, step3, False),
+        ([step5 / "ema.safetensors"], new_ema, step5, True),
+    ]
+    for i, (argv, expected_model, expected_dir, ema) in enumerate(cases):
+        out = tmp_path / f"r{i}.json"
+        assert run_eval("--checkpoint", argv[0], *argv[1:], "--batch_size", 4, "--json", out) == 0, argv
+        results = json.loads(out.read_text())
+        assert (results["checkpoint"], results["step"], results["ema"]) == (str(expected_dir),
+                                                                           int(expected_dir.name[5:]), ema)
+        assert results["data_dir"] == str(data_dir)
+        assert results["data_config"]["interpolation"] == "bilinear"
+        assert results["data_config"]["std"] == [0.25] * 3
+        assert_matches_reference(results, expected_model, data_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors: one line on stderr, exit code 2, no traceback
+
+
+def _truncate(path: Path, keep: float) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+def _error_case(case: str, tmp: Path, data_dir: Path) -> tuple[list, list[str]]:
+    """(eval.py arguments, substrings the error line must contain) for one kind of bad input."""
+    good = tmp / "good.safetensors"
+    save_file(tiny_vit().state_dict(), good)
+    base = ["--model", "test_vit", "--data", data_dir]
+    if case == "missing":
+        return ["--checkpoint", tmp / "nope.pth", *base], ["nope.pth", "does not exist"]
+    if case == "truncated_safetensors":
+        return ["--checkpoint", _truncate(good, 0.9), *base], ["good.safetensors", "truncated or corrupt"]
+    if case == "truncated_pth":
+        path = tmp / "t.pth"
+        torch.save(tiny_vit().state_dict(), path)
+        return ["--checkpoint", _truncate(path, 0.5), *base], ["t.pth", "truncated or corrupt"]
+    if case == "pickled_code":
+        path = tmp / "code.pth"
+        torch.save({"model": tiny_vit().state_dict(), "loss_fn": torch.nn.CrossEntropyLoss()}, path)
+        return ["--checkpoint", path, *base], ["code.pth", "torch.nn.modules.loss.CrossEntropyLoss", "never code"]
+    if case == "other_architecture":
+        path = tmp / "vit2.safetensors"  # test_vit2 has a register token, LayerScale and no cls token
+        save_file(timm.create_model("test_vit2", num_classes=3).state_dict(), path)
+        return ["--checkpoint", path, *base], ["does not fit model test_vit", "missing keys: cls_token", "unexpected",
+                                               "ls1.gamma", "more)"]
+    if case == "shape_mismatch":
+        path = tmp / "wide.safetensors"
+        save_file(tiny_vit(embed_dim=96).state_dict(), path)
+        return ["--checkpoint", path, *base], ["shape mismatches", "pos_embed (checkpoint [1, 101, 96], model "
+                                                                "[1, 101, 64])"]
+    if case == "class_count":
+        path = tmp / "five.safetensors"
+        save_file(timm.create_model("test_vit", num_classes=5).state_dict(), path)
+        return ["--checkpoint", path, *base], ["has 3 class folders", "head has 5 outputs"]
+    if case == "missing_split":
+        return ["--checkpoint", good, *base, "--split", "test"], [f"{data_dir / 'test'}", "does not exist"]
+    if case == "no_ema":
+        return ["--checkpoint", good, *base, "--ema"], ["no EMA weights", "drop --ema"]
+    if case == "unknown_model":
+        return ["--checkpoint", good, "--model", "kat_gigantic", "--data", data_dir], ["kat_gigantic"]
+    if case == "run_without_ema":
+        step = save_run_checkpoint(tmp / "run", 2, tiny_vit(), data_dir=data_dir)
+        return ["--checkpoint", tmp / "run", "--ema"], [str(step), "no EMA weights"]
+    if case == "run_truncated":
+        step = save_run_checkpoint(tmp / "run", 2, tiny_vit(), data_dir=data_dir)
+        _truncate(step / "model.safetensors", 0.7)
+        return ["--checkpoint", step], [str(step / "model.safetensors"), "truncated or corrupt"]
+    if case == "run_other_architecture":  # meta.json describes a wider model than the weights hold
+        step = save_run_checkpoint(tmp / "run", 2, tiny_vit(), data_dir=data_dir, model_kwargs={"embed_dim": 96})
+        return ["--checkpoint", step], ["does not fit model test_vit", "cls_token (checkpoint [1, 1, 64], model "
+                                                                       "[1, 1, 96])"]
+    if case == "run_class_names":
+        swapped = ["dog", "cat", "emu"]
+        save_run_checkpoint(tmp / "run", 2, tiny_vit(), data_dir=data_dir, class_names=swapped)
+        return ["--checkpoint", tmp / "run"], ["differ from the checkpoint's class_names", "0: 'cat' vs 'dog'"]
+    if case == "not_a_run":
+        (tmp / "empty_run").mkdir()
+        return ["--checkpoint", tmp / "empty_run"], ["empty_run", "neither a checkpoint directory"]
+    if case == "no_model":
+        return ["--checkpoint", good, "--data", data_dir], ["--model"]
+    raise AssertionError(case)
+
+
+ERROR_CASES = ["missing", "truncated_safetensors", "truncated_pth", "pickled_code", "other_architecture",
+               "shape_mismatch", "class_count", "missing_split", "no_ema", "unknown_model", "no_model",
+               "run_without_ema", "run_truncated", "run_other_architecture", "run_class_names", "not_a_run"]
+
+
+@pytest.mark.parametrize("case", ERROR_CASES)
+def test_bad_input_is_one_clear_line(case, tmp_path, data_dir, capsys):
+    argv, expected = _error_case(case, tmp_path, data_dir)
+    assert run_eval(*argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("eval.py: error: "), captured.err
+    for text in expected:
+        assert text in lines[0], (text, lines[0])
+
+
+def test_command_line_error_has_no_traceback(tmp_path):
+    """The real entry point: exit code 2 and no traceback, also when the error surfaces deep inside."""
+    path = tmp_path / "w.pth"
+    path.write_bytes(b"not a checkpoint")
+    proc = subprocess.run([sys.executable, "eval.py", "--checkpoint", str(path), "--model", "test_vit",
+                           "--data", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"eval.py: error: cannot read {path}: it is truncated or corrupt")
+    assert len(proc.stderr.strip().splitlines()) == 1

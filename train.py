@@ -1,0 +1,46 @@
+"""Train a KAT (or any timm image classifier) on an ImageFolder dataset.
+
+    python train.py --config demo.yaml                              # the embedded MNIST demo, CPU, minutes
+    accelerate launch train.py --config kat_s.yaml                  # ImageNet, published recipe, all GPUs
+    python train.py --config kat_t.yaml --data_dir /data/imagenet --batch_size 64 --wandb_mode offline
+
+Every config key is a flag (`python train.py --help`). Rerunning a command resumes its run from the newest
+complete checkpoint in output_dir/run_name; `--resume none` refuses to touch an existing run.
+"""
+
+import logging
+import os
+import sys
+
+from kat.training.config import ConfigError, parse_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    rank = int(os.environ.get("RANK", "0"))  # set by accelerate launch / torchrun; only rank 0 says much
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        cfg = parse_config(argv)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from kat.data import DataError
+    from kat.training.loop import train  # heavy imports only after the config is known to be good
+
+    try:
+        with logging_redirect_tqdm():
+            train(cfg)
+    except (ConfigError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
