@@ -4,6 +4,7 @@
     python eval.py --checkpoint checkpoints/<run>/step-00001234 --ema    # one checkpoint, its EMA weights
     python eval.py --checkpoint kat_small.pth --model kat_small_patch16_224 --data /data/imagenet
     accelerate launch --num_processes 8 eval.py --checkpoint ... --json results.json
+    accelerate launch --multi_gpu --num_processes 2 eval.py --cpu ...     # several CPU processes (gloo)
 
 Our own checkpoints carry the model name, its kwargs, the class names, the data config and the data dir in
 meta.json. Any other weight file (.pth/.pt/.bin/.safetensors, e.g. a published KAT checkpoint) needs --model
@@ -24,16 +25,18 @@ from pathlib import Path
 
 import timm
 import torch
+import yaml
 from accelerate import Accelerator
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
-from timm.data import create_transform, resolve_data_config
+from timm.data import create_transform
 from timm.models import clean_state_dict
 from tqdm.auto import tqdm
 
 import kat  # noqa: F401  (registers the KAT models with timm)
-from kat.data import DataError, ImageFolderDataset
+from kat.data import DataError, ImageFolderDataset, resolve_data_config
 from kat.evaluation import evaluate
+from kat.rational import GroupRational, active_backend
 from kat.training.checkpoint import EMA_FILE, META_FILE, MODEL_FILE, read_checkpoint, resolve_checkpoint
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -54,6 +57,13 @@ def parse_args(argv=None):
     )
     p.add_argument("--model", help="timm model name; required for weight files without meta.json")
     p.add_argument(
+        "--model_kwargs",
+        "--model-kwargs",
+        type=_yaml_mapping,
+        default={},
+        help="timm.create_model kwargs for --model, as a YAML mapping: '{img_size: 384}'",
+    )
+    p.add_argument(
         "--data", help="dataset root holding <split>/<class>/<image>; default: the training data dir"
     )
     p.add_argument("--split", default="val", help="split folder under --data (default: val)")
@@ -73,6 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--interpolation", help="override the resize interpolation (bicubic, bilinear, ...)")
     p.add_argument("--mean", type=float, nargs=3, help="override the normalisation mean")
     p.add_argument("--std", type=float, nargs=3, help="override the normalisation std")
+    p.add_argument("--cpu", action="store_true", help="evaluate on CPU even when a GPU is present")
     p.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
     p.add_argument("--no_progress", "--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -132,6 +143,8 @@ def unwrap_state_dict(checkpoint, path: Path, ema: bool) -> tuple[dict, dict]:
             f"--ema: {path} holds no EMA weights (no {' or '.join(repr(k) for k in EMA_WRAPPER_KEYS)} "
             "entry); drop --ema"
         )
+    elif any(isinstance(checkpoint.get(k), dict) for k in EMA_WRAPPER_KEYS):
+        raise EvalError(f"{path} holds only EMA weights; pass --ema")
     else:
         state_dict, extra = checkpoint, {}
     state_dict = clean_state_dict(state_dict)  # drops 'module.' / '_orig_mod.' wrapper prefixes
@@ -153,7 +166,11 @@ def describe_mismatch(model_state: dict, checkpoint_state: dict) -> str:
         if k in checkpoint_state and checkpoint_state[k].shape != v.shape
     ]
     parts = []
-    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+    for label, keys in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("shape mismatches", shapes),
+    ):
         if keys:
             parts.append(f"{len(keys)} {label}: {_abbrev(keys)}")
     return "; ".join(parts)
@@ -175,7 +192,7 @@ def head_num_classes(model_name: str, state_dict: dict) -> int | None:
     return None
 
 
-def load_external_model(name: str, state_dict: dict, path: Path):
+def load_external_model(name: str, model_kwargs: dict, state_dict: dict, path: Path):
     """Build timm model `name` from a foreign weight file, through the model's checkpoint filter."""
     check_model_name(name)
     num_classes = head_num_classes(name, state_dict)
@@ -184,16 +201,18 @@ def load_external_model(name: str, state_dict: dict, path: Path):
     # whose class count differs from the pretrained config's, and then loads non-strictly).
     overlay = dict(state_dict=state_dict, **head)
     try:
-        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **head)
+        model = timm.create_model(
+            name, pretrained=True, pretrained_cfg_overlay=overlay, **model_kwargs, **head
+        )
     except (RuntimeError, KeyError, ValueError) as e:  # load_state_dict, or a checkpoint filter, refused it
-        reference = timm.create_model(name, pretrained=False, **head)
+        reference = timm.create_model(name, pretrained=False, **model_kwargs, **head)
         mismatch = describe_mismatch(reference.state_dict(), state_dict) or _first_line(e)
         raise EvalError(f"{path} does not fit model {name}: {mismatch}") from e
     model.pretrained_cfg.pop("state_dict", None)  # do not keep a second reference to the weights
     return model
 
 
-def load_run_checkpoint(path: Path, ema: bool, model_name: str | None):
+def load_run_checkpoint(path: Path, ema: bool, model_name: str | None, model_kwargs: dict):
     """A kat training checkpoint (run dir -> its latest, or a step dir): the model is described in meta.json."""
     try:
         ckpt_dir = resolve_checkpoint(path)
@@ -208,6 +227,8 @@ def load_run_checkpoint(path: Path, ema: bool, model_name: str | None):
         raise EvalError(_first_line(e)) from e
     if model_name and model_name != meta["model"]:
         raise EvalError(f"{ckpt_dir} holds a {meta['model']} model, not {model_name}; drop --model")
+    if model_kwargs:
+        raise EvalError(f"{ckpt_dir} describes its model in meta.json; drop --model_kwargs")
 
     check_model_name(meta["model"])
     kwargs = {**(meta.get("model_kwargs") or {}), "num_classes": meta["num_classes"]}
@@ -232,18 +253,18 @@ def load_checkpoint(args) -> tuple[torch.nn.Module, dict, dict | None]:
     if not path.exists():
         raise EvalError(f"checkpoint {path} does not exist")
     if path.is_dir():
-        return load_run_checkpoint(path, args.ema, args.model)
+        return load_run_checkpoint(path, args.ema, args.model, args.model_kwargs)
     if (path.parent / META_FILE).is_file():  # a file inside one of our checkpoint dirs
         if path.name not in (MODEL_FILE, EMA_FILE) or (args.ema and path.name == MODEL_FILE):
             raise EvalError(
                 f"{path}: pass the checkpoint directory {path.parent} (with --ema for the EMA weights)"
             )
-        return load_run_checkpoint(path.parent, path.name == EMA_FILE, args.model)
+        return load_run_checkpoint(path.parent, path.name == EMA_FILE, args.model, args.model_kwargs)
 
     if not args.model:
         raise EvalError(f"{path} has no meta.json beside it, so pass --model NAME (a timm model name)")
     state_dict, extra = unwrap_state_dict(read_weight_file(path), path, args.ema)
-    model = load_external_model(args.model, state_dict, path)
+    model = load_external_model(args.model, args.model_kwargs, state_dict, path)
     epoch = extra.get("epoch")
     identity = dict(
         model=args.model,
@@ -256,23 +277,34 @@ def load_checkpoint(args) -> tuple[torch.nn.Module, dict, dict | None]:
 
 
 def resolve_eval_data_config(model, meta: dict | None, args) -> dict:
-    """Flags override the checkpoint's data config (ours) or the model's pretrained_cfg (timm's)."""
-    overrides = dict(
-        img_size=args.img_size,
-        crop_pct=args.crop_pct,
-        interpolation=args.interpolation,
-        mean=args.mean,
-        std=args.std,
+    """The checkpoint's data config (ours) or the model's (as training resolves it), then the flags."""
+    data_config = (
+        dict(meta["data_config"]) if meta and meta.get("data_config") else resolve_data_config(model, args)
     )
-    if meta is not None and meta.get("data_config"):
-        return resolve_data_config(overrides, pretrained_cfg=meta["data_config"])
-    return resolve_data_config(overrides, model=model, use_test_size=True)
+    for key in ("crop_pct", "interpolation", "mean", "std"):
+        if getattr(args, key) is not None:
+            data_config[key] = getattr(args, key)
+    if args.img_size:
+        data_config["input_size"] = [data_config["input_size"][0], args.img_size, args.img_size]
+    return data_config
+
+
+def check_input_size(model, data_config: dict) -> None:
+    """ViTs without dynamic_img_size take one input size; say so instead of failing in the first forward."""
+    patch_embed = getattr(model, "patch_embed", None)
+    size = getattr(patch_embed, "img_size", None)
+    wanted = tuple(data_config["input_size"][1:])
+    if size is not None and getattr(patch_embed, "strict_img_size", False) and tuple(size) != wanted:
+        raise EvalError(
+            f"the model takes {size[0]}x{size[1]} inputs, not {wanted[0]}x{wanted[1]}; to evaluate at another "
+            "size, build it for that size with --model_kwargs '{img_size: N}' (the position embedding is resampled)"
+        )
 
 
 def data_dir_of(meta: dict | None, args) -> Path:
     if args.data:
         return Path(args.data)
-    data_dir = (meta or {}).get("data_dir") or ((meta or {}).get("config") or {}).get("data_dir")
+    data_dir = ((meta or {}).get("config") or {}).get("data_dir")  # the training run's
     if not data_dir:
         raise EvalError("no dataset given: pass --data DIR (a folder holding <split>/<class>/<image>)")
     return Path(data_dir)
@@ -286,7 +318,14 @@ def build_dataset(data_dir: Path, split: str, data_config: dict) -> ImageFolderD
             f"split folder {split_dir} does not exist (expected {data_dir}/<split>/<class>/<image>); "
             "check --data and --split"
         )
-    transform = create_transform(**data_config, is_training=False)
+    transform = create_transform(
+        input_size=tuple(data_config["input_size"]),
+        interpolation=data_config["interpolation"],
+        mean=tuple(data_config["mean"]),
+        std=tuple(data_config["std"]),
+        crop_pct=data_config["crop_pct"],
+        is_training=False,
+    )
     try:
         dataset = ImageFolderDataset(split_dir, transform, max_bad_images=0)
     except (DataError, FileNotFoundError) as e:
@@ -319,13 +358,11 @@ def check_classes(dataset: ImageFolderDataset, model, meta: dict | None, split_d
 # Running and reporting
 
 
-def rational_backend(model, device) -> str | None:
+def rational_backend(model, device, amp_dtype) -> str | None:
     """Which GR-KAN implementation runs (KAT models only)."""
-    if not any(type(m).__name__ == "GroupRational" for m in model.modules()):
+    if not any(isinstance(m, GroupRational) for m in model.modules()):
         return None
-    from kat.rational import active_backend
-
-    return active_backend(torch.empty(0, device=device))
+    return active_backend(torch.zeros(1, 8, device=device, dtype=amp_dtype or torch.float32))
 
 
 def format_table(r: dict) -> str:
@@ -367,11 +404,13 @@ def write_json(path: Path, results: dict) -> None:
 def run(args) -> dict:
     model, identity, meta = load_checkpoint(args)
     data_config = resolve_eval_data_config(model, meta, args)
+    check_input_size(model, data_config)
     data_dir = data_dir_of(meta, args)
     dataset = build_dataset(data_dir, args.split, data_config)
     check_classes(dataset, model, meta, data_dir / args.split)
 
-    accelerator = Accelerator()  # after the input checks, so that bad input fails before any process group
+    # Created after the input checks, so that bad input fails before any process group exists.
+    accelerator = Accelerator(cpu=args.cpu)
 
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -379,7 +418,6 @@ def run(args) -> dict:
         shuffle=False,
         num_workers=args.workers,
         pin_memory=accelerator.device.type == "cuda",
-        persistent_workers=False,
     )
     loader = accelerator.prepare_data_loader(loader)  # shards across processes; evaluate() de-duplicates
     model = model.to(accelerator.device)
@@ -407,12 +445,12 @@ def run(args) -> dict:
         "split": args.split,
         "data_dir": str(data_dir),
         "num_classes": len(dataset.classes),
-        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
+        "data_config": data_config,
         "batch_size": args.batch_size,
         "amp": args.amp,
         "device": str(accelerator.device),
         "num_processes": accelerator.num_processes,
-        "rational_backend": rational_backend(model, accelerator.device),
+        "rational_backend": rational_backend(model, accelerator.device, AMP_DTYPES[args.amp]),
         "versions": {"torch": torch.__version__, "timm": timm.__version__},
     }
     if accelerator.is_main_process:
@@ -430,6 +468,16 @@ def main(argv=None) -> int:
         print(f"eval.py: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _yaml_mapping(text: str) -> dict:
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a mapping like '{{img_size: 384}}', got {text!r}")
+    return value
 
 
 def _first_line(e: BaseException) -> str:

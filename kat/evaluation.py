@@ -27,7 +27,8 @@ def evaluate(model, loader, accelerator, *, amp_dtype=None, loss_fn=None, progre
     was_training = model.training
     model.eval()
 
-    correct1 = correct5 = loss_sum = num_images = 0.0
+    # Per-batch sums stay on the device until the end, so that no batch waits for the host.
+    batch_sums, num_images = [], 0
     start = time.perf_counter()
     for batch_index, (images, targets) in enumerate(loader):
         with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -40,12 +41,13 @@ def evaluate(model, loader, accelerator, *, amp_dtype=None, loss_fn=None, progre
             [hits[:, 0].float(), hits.any(dim=-1).float(), loss_fn(logits, targets).float()], dim=1
         )  # [B, 3]: top-1 hit, top-5 hit, loss
         per_sample = accelerator.gather_for_metrics(per_sample)
-        correct1 += per_sample[:, 0].sum().item()
-        correct5 += per_sample[:, 1].sum().item()
-        loss_sum += per_sample[:, 2].sum().item()
+        batch_sums.append(per_sample.sum(dim=0))  # [3]
         num_images += per_sample.shape[0]
         if progress is not None:
             progress(batch_index)
+    # Totals in float64 on the host: exact counts however many batches.
+    totals = torch.stack(batch_sums).cpu().double().sum(dim=0) if batch_sums else torch.zeros(3)
+    correct1, correct5, loss_sum = totals.tolist()  # waits for the last batch, so before the clock stops
     elapsed = time.perf_counter() - start
     model.train(was_training)
 

@@ -6,6 +6,8 @@ head that timm silently re-initialised, EMA weights picked by mistake, or a drop
 
 import argparse
 import json
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +44,7 @@ def data_dir(tmp_path_factory):
 
 
 def run_eval(*argv):
-    """eval.py's main() in this process (fast: no interpreter start); returns (exit code, stdout, stderr)."""
+    """eval.py's main() in this process (fast: no interpreter start); returns its exit code."""
     return eval_cli.main([str(a) for a in argv] + ["--workers", "0", "--no_progress"])
 
 
@@ -78,34 +80,53 @@ def tiny_vit(**kwargs):
 
 
 def test_published_kat_pth_with_wrappers(tmp_path, data_dir):
-    """A published-style KAT checkpoint: weights under 'model' with DDP 'module.' prefixes, plus the
-    training script's argparse.Namespace (allowed under weights_only) and optimizer entries."""
+    """A published-style KAT checkpoint: weights under 'model' with DDP 'module.' prefixes, next to the training
+    script's argparse.Namespace (allowed under weights_only) and optimizer state. A small kat_tiny (--model_kwargs)
+    keeps it fast; the loading path is the one kat_small_patch16_224 takes."""
+    kwargs = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
     torch.manual_seed(0)
-    model = timm.create_model("kat_tiny_patch16_224", num_classes=len(CLASSES))
+    model = timm.create_model("kat_tiny", num_classes=len(CLASSES), **kwargs)
     path = tmp_path / "kat_tiny.pth"
     torch.save(
         {
             "model": {f"module.{k}": v for k, v in model.state_dict().items()},
             "epoch": 299,
-            "args": argparse.Namespace(model="kat_tiny_patch16_224", lr=1e-3),
+            "args": argparse.Namespace(model="kat_tiny", lr=1e-3),
             "optimizer": {"state": {}, "param_groups": [{"lr": 0.0}]},
         },
         path,
     )
     out = tmp_path / "out" / "results.json"
-    assert run_eval("--checkpoint", path, "--model", "kat_tiny_patch16_224", "--data", data_dir,
-                    "--batch_size", 4, "--json", out) == 0
+    argv = [
+        "--checkpoint",
+        path,
+        "--model",
+        "kat_tiny",
+        "--model_kwargs",
+        json.dumps(kwargs),
+        "--data",
+        data_dir,
+    ]
+    assert run_eval(*argv, "--batch_size", 4, "--json", out) == 0
     results = json.loads(out.read_text())
-    for key in ("top1", "top5", "loss", "images_per_sec", "num_images", "model", "checkpoint", "step", "epoch",
-                "ema", "split", "data_config", "device", "num_processes"):
+    expected_keys = (
+        "top1 top5 loss images_per_sec num_images model checkpoint step epoch ema split data_config"
+    )
+    for key in expected_keys.split() + ["device", "num_processes", "rational_backend"]:
         assert key in results, key
-    assert (results["model"], results["epoch"], results["step"], results["ema"]) == (
-        "kat_tiny_patch16_224", 299, None, False)
+    identity = (results["model"], results["epoch"], results["step"], results["ema"])
+    assert identity == ("kat_tiny", 299, None, False)
     assert results["top5"] == 100.0  # 3 classes
     assert results["images_per_sec"] > 0
-    # The data config comes from the model's pretrained_cfg: 224 px, crop 0.875, bicubic, ImageNet mean/std.
-    assert results["data_config"]["input_size"] == [3, 224, 224]
-    assert results["data_config"]["crop_pct"] == pytest.approx(model.pretrained_cfg["crop_pct"])
+    assert results["rational_backend"] in ("torch", "triton")
+    # The model's data config: its own 32 px (not the pretrained_cfg's 224), crop 0.875, bicubic, ImageNet mean.
+    assert results["data_config"] == {
+        "input_size": [3, 32, 32],
+        "interpolation": "bicubic",
+        "mean": list(timm.data.IMAGENET_DEFAULT_MEAN),
+        "std": list(timm.data.IMAGENET_DEFAULT_STD),
+        "crop_pct": 0.875,
+    }
     assert_matches_reference(results, model, data_dir)
 
 
@@ -115,8 +136,9 @@ def test_safetensors_timm_model_and_overrides(tmp_path, data_dir, capsys):
     path = tmp_path / "w.safetensors"
     save_file(model.state_dict(), path)
     out = tmp_path / "r.json"
-    assert run_eval("--checkpoint", path, "--model", "test_vit", "--data", data_dir, "--batch-size", 4,
-                    "--crop_pct", 0.8, "--interpolation", "bilinear", "--mean", 0.4, 0.4, 0.4, "--json", out) == 0
+    overrides = ["--crop_pct", 0.8, "--interpolation", "bilinear", "--mean", 0.4, 0.4, 0.4]
+    argv = ["--checkpoint", path, "--model", "test_vit", "--data", data_dir, "--batch-size", 4, *overrides]
+    assert run_eval(*argv, "--json", out) == 0
     results = json.loads(out.read_text())
     assert results["data_config"]["crop_pct"] == 0.8
     assert results["data_config"]["interpolation"] == "bilinear"
@@ -133,8 +155,8 @@ def test_ema_flag_picks_the_ema_weights(tmp_path, data_dir):
     torch.save({"state_dict": model.state_dict(), "state_dict_ema": ema.state_dict(), "epoch": 4}, path)
     for flags, expected in (([], model), (["--ema"], ema)):
         out = tmp_path / f"r{len(flags)}.json"
-        assert run_eval("--checkpoint", path, "--model", "test_vit", "--data", data_dir, "--json", out,
-                        *flags) == 0
+        argv = ["--checkpoint", path, "--model", "test_vit", "--data", data_dir, "--json", out]
+        assert run_eval(*argv, *flags) == 0
         results = json.loads(out.read_text())
         assert results["ema"] == bool(flags)
         assert_matches_reference(results, expected, data_dir)
@@ -154,16 +176,28 @@ def save_run_checkpoint(run_dir: Path, step: int, model, ema=None, data_dir=None
         "step": step,
         "epoch": step // 2,
         # Not test_vit's defaults (bicubic, crop 0.95): the checkpoint's data config must win.
-        "data_config": {"input_size": [3, 160, 160], "interpolation": "bilinear", "mean": [0.5] * 3,
-                        "std": [0.25] * 3, "crop_pct": 0.9},
+        "data_config": {
+            "input_size": [3, 160, 160],
+            "interpolation": "bilinear",
+            "mean": [0.5] * 3,
+            "std": [0.25] * 3,
+            "crop_pct": 0.9,
+        },
         "config": {"data_dir": str(data_dir)},
         "metrics": {},
         **meta_overrides,
     }
     run_dir.mkdir(parents=True, exist_ok=True)
-    return save_checkpoint(run_dir, step, model_state=model.state_dict(),
-                           ema_state=None if ema is None else ema.state_dict(), training_state={"step": step},
-                           meta=meta, keep=5, is_best=False)
+    return save_checkpoint(
+        run_dir,
+        step,
+        model_state=model.state_dict(),
+        ema_state=None if ema is None else ema.state_dict(),
+        training_state={"step": step},
+        meta=meta,
+        keep=5,
+        is_best=False,
+    )
 
 
 def test_run_dir_step_dir_and_ema(tmp_path, data_dir):
@@ -182,8 +216,8 @@ def test_run_dir_step_dir_and_ema(tmp_path, data_dir):
         out = tmp_path / f"r{i}.json"
         assert run_eval("--checkpoint", argv[0], *argv[1:], "--batch_size", 4, "--json", out) == 0, argv
         results = json.loads(out.read_text())
-        assert (results["checkpoint"], results["step"], results["ema"]) == (str(expected_dir),
-                                                                           int(expected_dir.name[5:]), ema)
+        identity = (results["checkpoint"], results["step"], results["ema"])
+        assert identity == (str(expected_dir), int(expected_dir.name[5:]), ema)
         assert results["data_dir"] == str(data_dir)
         assert results["data_config"]["interpolation"] == "bilinear"
         assert results["data_config"]["std"] == [0.25] * 3
@@ -216,17 +250,28 @@ def _error_case(case: str, tmp: Path, data_dir: Path) -> tuple[list, list[str]]:
     if case == "pickled_code":
         path = tmp / "code.pth"
         torch.save({"model": tiny_vit().state_dict(), "loss_fn": torch.nn.CrossEntropyLoss()}, path)
-        return ["--checkpoint", path, *base], ["code.pth", "torch.nn.modules.loss.CrossEntropyLoss", "never code"]
+        return ["--checkpoint", path, *base], [
+            "code.pth",
+            "torch.nn.modules.loss.CrossEntropyLoss",
+            "never code",
+        ]
     if case == "other_architecture":
         path = tmp / "vit2.safetensors"  # test_vit2 has a register token, LayerScale and no cls token
         save_file(timm.create_model("test_vit2", num_classes=3).state_dict(), path)
-        return ["--checkpoint", path, *base], ["does not fit model test_vit", "missing keys: cls_token", "unexpected",
-                                               "ls1.gamma", "more)"]
+        return ["--checkpoint", path, *base], [
+            "does not fit model test_vit",
+            "missing keys: cls_token",
+            "unexpected",
+            "ls1.gamma",
+            "more)",
+        ]
     if case == "shape_mismatch":
         path = tmp / "wide.safetensors"
         save_file(tiny_vit(embed_dim=96).state_dict(), path)
-        return ["--checkpoint", path, *base], ["shape mismatches", "pos_embed (checkpoint [1, 101, 96], model "
-                                                                "[1, 101, 64])"]
+        return ["--checkpoint", path, *base], [
+            "shape mismatches",
+            "pos_embed (checkpoint [1, 101, 96], model [1, 101, 64])",
+        ]
     if case == "class_count":
         path = tmp / "five.safetensors"
         save_file(timm.create_model("test_vit", num_classes=5).state_dict(), path)
@@ -235,6 +280,16 @@ def _error_case(case: str, tmp: Path, data_dir: Path) -> tuple[list, list[str]]:
         return ["--checkpoint", good, *base, "--split", "test"], [f"{data_dir / 'test'}", "does not exist"]
     if case == "no_ema":
         return ["--checkpoint", good, *base, "--ema"], ["no EMA weights", "drop --ema"]
+    if case == "only_ema":
+        path = tmp / "ema_only.pth"
+        torch.save({"state_dict_ema": tiny_vit().state_dict()}, path)
+        return ["--checkpoint", path, *base], ["ema_only.pth holds only EMA weights; pass --ema"]
+    if case == "input_size":  # kat_tiny, unlike test_vit, is a fixed-size ViT
+        kwargs = {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}
+        path = tmp / "kat.safetensors"
+        save_file(timm.create_model("kat_tiny", num_classes=3, **kwargs).state_dict(), path)
+        argv = ["--checkpoint", path, "--model", "kat_tiny", "--model_kwargs", json.dumps(kwargs)]
+        return [*argv, "--data", data_dir, "--img_size", 48], ["takes 32x32 inputs, not 48x48", "img_size"]
     if case == "unknown_model":
         return ["--checkpoint", good, "--model", "kat_gigantic", "--data", data_dir], ["kat_gigantic"]
     if case == "run_without_ema":
@@ -245,13 +300,20 @@ def _error_case(case: str, tmp: Path, data_dir: Path) -> tuple[list, list[str]]:
         _truncate(step / "model.safetensors", 0.7)
         return ["--checkpoint", step], [str(step / "model.safetensors"), "truncated or corrupt"]
     if case == "run_other_architecture":  # meta.json describes a wider model than the weights hold
-        step = save_run_checkpoint(tmp / "run", 2, tiny_vit(), data_dir=data_dir, model_kwargs={"embed_dim": 96})
-        return ["--checkpoint", step], ["does not fit model test_vit", "cls_token (checkpoint [1, 1, 64], model "
-                                                                       "[1, 1, 96])"]
+        step = save_run_checkpoint(
+            tmp / "run", 2, tiny_vit(), data_dir=data_dir, model_kwargs={"embed_dim": 96}
+        )
+        return ["--checkpoint", step], [
+            "does not fit model test_vit",
+            "cls_token (checkpoint [1, 1, 64], model [1, 1, 96])",
+        ]
     if case == "run_class_names":
         swapped = ["dog", "cat", "emu"]
         save_run_checkpoint(tmp / "run", 2, tiny_vit(), data_dir=data_dir, class_names=swapped)
-        return ["--checkpoint", tmp / "run"], ["differ from the checkpoint's class_names", "0: 'cat' vs 'dog'"]
+        return ["--checkpoint", tmp / "run"], [
+            "differ from the checkpoint's class_names",
+            "0: 'cat' vs 'dog'",
+        ]
     if case == "not_a_run":
         (tmp / "empty_run").mkdir()
         return ["--checkpoint", tmp / "empty_run"], ["empty_run", "neither a checkpoint directory"]
@@ -260,9 +322,26 @@ def _error_case(case: str, tmp: Path, data_dir: Path) -> tuple[list, list[str]]:
     raise AssertionError(case)
 
 
-ERROR_CASES = ["missing", "truncated_safetensors", "truncated_pth", "pickled_code", "other_architecture",
-               "shape_mismatch", "class_count", "missing_split", "no_ema", "unknown_model", "no_model",
-               "run_without_ema", "run_truncated", "run_other_architecture", "run_class_names", "not_a_run"]
+ERROR_CASES = [
+    "missing",
+    "truncated_safetensors",
+    "truncated_pth",
+    "pickled_code",
+    "other_architecture",
+    "shape_mismatch",
+    "class_count",
+    "missing_split",
+    "no_ema",
+    "only_ema",
+    "input_size",
+    "unknown_model",
+    "no_model",
+    "run_without_ema",
+    "run_truncated",
+    "run_other_architecture",
+    "run_class_names",
+    "not_a_run",
+]
 
 
 @pytest.mark.parametrize("case", ERROR_CASES)
@@ -280,9 +359,83 @@ def test_command_line_error_has_no_traceback(tmp_path):
     """The real entry point: exit code 2 and no traceback, also when the error surfaces deep inside."""
     path = tmp_path / "w.pth"
     path.write_bytes(b"not a checkpoint")
-    proc = subprocess.run([sys.executable, "eval.py", "--checkpoint", str(path), "--model", "test_vit",
-                           "--data", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    argv = ["--checkpoint", str(path), "--model", "test_vit", "--data", str(tmp_path)]
+    proc = subprocess.run(
+        [sys.executable, "eval.py", *argv], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.startswith(f"eval.py: error: cannot read {path}: it is truncated or corrupt")
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Several processes, and agreement with what training logged
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_count_every_image_once(tmp_path, data_dir):
+    """accelerate launch, 2 CPU processes, 7 images in batches of 2: the prepared loader pads rank 1 with a
+    duplicate image, which must not be counted (~20 s: two interpreters start)."""
+    model = tiny_vit()
+    path = tmp_path / "w.safetensors"
+    save_file(model.state_dict(), path)
+    out = tmp_path / "r.json"
+    launch = (
+        "-m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no"
+    )
+    launch += f" --dynamo_backend no --main_process_port {_free_port()}"
+    evaluate = (
+        f"eval.py --cpu --checkpoint {path} --model test_vit --data {data_dir} --batch_size 2 --workers 0"
+    )
+    cmd = [sys.executable, *launch.split(), *evaluate.split(), "--no_progress", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["num_processes"] == 2
+    assert_matches_reference(results, model, data_dir)
+
+
+def _small_demo_copy(root: Path) -> Path:
+    """A slice of the embedded MNIST demo set: 8 train images per class, 47 val images (not a multiple of any
+    batch size used here)."""
+    demo = REPO / "data" / "demo"
+    for split, per_class in (("train", [8] * 10), ("val", [5] * 7 + [4] * 3)):
+        for class_dir, count in zip(sorted((demo / split).iterdir()), per_class):
+            (root / split / class_dir.name).mkdir(parents=True)
+            for image in sorted(class_dir.iterdir())[:count]:
+                shutil.copy(image, root / split / class_dir.name / image.name)
+    return root
+
+
+@pytest.mark.slow
+def test_reproduces_the_top1_training_logged(tmp_path):
+    """A short demo training run evaluates its model and EMA at the end and logs the results in metrics.jsonl;
+    eval.py on the checkpoint it wrote (other batch size, its own loader) must report the same numbers."""
+    import train
+
+    data = _small_demo_copy(tmp_path / "data")
+    argv = ["--config", "demo.yaml", "--data_dir", str(data), "--output_dir", str(tmp_path / "runs")]
+    argv += ["--run_name", "demo", "--batch_size", "16", "--max_steps", "3", "--wandb_mode", "disabled"]
+    argv += ["--plot_rationals", "false"]
+    assert train.main(argv) == 0
+    run_dir = tmp_path / "runs" / "demo"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if r.get("type") == "eval"][-1]
+    assert logged["step"] == 3
+
+    for flags, key in (([], "val"), (["--ema"], "val_ema")):
+        out = tmp_path / f"{key}.json"
+        assert run_eval("--checkpoint", run_dir, "--batch_size", 10, "--json", out, *flags) == 0
+        results = json.loads(out.read_text())
+        assert (results["step"], results["ema"], results["num_images"]) == (3, bool(flags), 47)
+        assert results["data_dir"] == str(data)  # read from the checkpoint
+        assert results["top1"] == pytest.approx(logged[key]["top1"], abs=1e-9)
+        assert results["top5"] == pytest.approx(logged[key]["top5"], abs=1e-9)
+        assert results["loss"] == pytest.approx(logged[key]["loss"], rel=1e-5)

@@ -195,9 +195,9 @@ def test_autocast_no_casts_and_saves_input_dtype(backend):
         saved.append((t.dtype, tuple(t.shape)))
         return t
 
-    with torch.autocast("cpu", dtype=torch.bfloat16), RecordOps() as recorder:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = module(x)
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    with torch.autocast("cpu", dtype=torch.bfloat16), RecordOps() as recorder, hooks:
+        y = module(x)
     assert y.dtype == torch.bfloat16
     assert recorder.ops == ["kat.group_rational_fwd.default"], recorder.ops
     assert (torch.bfloat16, (4, 32)) in saved and (torch.float32, (4, 32)) not in saved
@@ -227,9 +227,21 @@ def test_active_backend(monkeypatch):
         (torch.zeros(2, 16), torch.zeros(6), torch.zeros(8, 4), ValueError, r"shape \(Gn, 6\)"),
         (torch.zeros(2, 16), torch.zeros(2, 6), torch.zeros(8, 4), ValueError, "numerator has 2 rows"),
         (torch.zeros(2, 16), torch.zeros(4, 6), torch.zeros(8, 4), ValueError, "numerator has 4 rows"),
-        (torch.zeros(2, 16, dtype=torch.int64), torch.zeros(1, 6), torch.zeros(8, 4), TypeError, "x has dtype"),
+        (
+            torch.zeros(2, 16, dtype=torch.int64),
+            torch.zeros(1, 6),
+            torch.zeros(8, 4),
+            TypeError,
+            "x has dtype",
+        ),
         (torch.zeros(2, 16), torch.zeros(1, 6, dtype=torch.int32), torch.zeros(8, 4), TypeError, "numerator"),
-        (torch.zeros(2, 16), torch.zeros(1, 6), torch.zeros(8, 4, device="meta"), ValueError, "different devices"),
+        (
+            torch.zeros(2, 16),
+            torch.zeros(1, 6),
+            torch.zeros(8, 4, device="meta"),
+            ValueError,
+            "different devices",
+        ),
         (torch.tensor(1.0), torch.zeros(1, 6), torch.zeros(8, 4), ValueError, "must be"),
     ],
 )
@@ -254,10 +266,16 @@ def test_opcheck():
     grad_output = torch.randn(6, 16)
     for backend in BACKENDS:
         for num in (numerator, torch.randn(4, 6)):
-            args = (x.requires_grad_(True), num.requires_grad_(True), denominator.requires_grad_(True), backend)
+            args = (
+                x.requires_grad_(True),
+                num.requires_grad_(True),
+                denominator.requires_grad_(True),
+                backend,
+            )
             torch.library.opcheck(rational_op._group_rational_fwd, args)
             torch.library.opcheck(
-                rational_op._group_rational_bwd, (grad_output, x.detach(), num.detach(), denominator.detach(), backend)
+                rational_op._group_rational_bwd,
+                (grad_output, x.detach(), num.detach(), denominator.detach(), backend),
             )
 
 

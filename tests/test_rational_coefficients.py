@@ -35,7 +35,9 @@ def test_fit_rational_reproduces_stored_swish():
     stored_num, stored_den = coefficients.init_coefficients("swish")
     x = np.linspace(-3, 3, 1001)
     refit = coefficients.rational_numpy(x, numerator, denominator)
-    np.testing.assert_allclose(refit, coefficients.rational_numpy(x, stored_num, stored_den), rtol=0, atol=1e-8)
+    np.testing.assert_allclose(
+        refit, coefficients.rational_numpy(x, stored_num, stored_den), rtol=0, atol=1e-8
+    )
     assert max_error < 2e-6
 
 
@@ -49,7 +51,8 @@ def test_vp_gain():
     for name in ("swish", "gelu", "relu"):
         x = np.linspace(-12, 12, 400_001)
         f = coefficients.rational_numpy(x, *coefficients.init_coefficients(name))
-        second_moment = np.trapezoid(f * f * np.exp(-0.5 * x * x), x) / math.sqrt(2 * math.pi)
+        integrand = f * f * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+        second_moment = np.sum(0.5 * (integrand[1:] + integrand[:-1]) * np.diff(x))  # trapezoid rule
         assert vp_gain(name) == pytest.approx(1.0 / second_moment, rel=1e-8)
 
 

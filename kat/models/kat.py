@@ -4,12 +4,13 @@ KAT (Yang & Wang, arXiv 2409.10594) is a timm ViT/DeiT whose MLP is replaced by 
 group-rational activation in front of each of the two linear layers (KAT_FACTS section 1). Everything else is
 timm's VisionTransformer, so timm's kwargs, model API, optimizer/EMA helpers and checkpoint layout carry over.
 
-Initialisation (`weight_init`):
+Initialisation (`weight_init`); both use mimetic attention init, they differ only in the KAN linears:
 - 'vp' (default): the paper's variance-preserving rule actually applied, fc1 ~ N(0, alpha(act1) / d_in),
-  fc2 ~ N(0, alpha(act2) / d_hidden), alpha = Var[x] / E[F(x)^2] of the activation in front of the layer, plus
-  mimetic attention init. The KAN branch then starts with output variance ~ its input's (tests/test_models.py).
-- 'official': what the public KAT code ends up with, trunc_normal(std=0.02) on every linear (its VP weights are
-  overwritten), with the branch output starting ~100x smaller than its input. For reproduction studies.
+  fc2 ~ N(0, alpha(act2) / d_hidden), alpha = Var[x] / E[F(x)^2] of the activation in front of the layer. The
+  KAN branch then starts with its output variance ~ its input's (measured 0.92-1.08 per block for KAT-T).
+- 'official': what the public KAT code ends up with: trunc_normal(std=0.02) on every linear (it computes the VP
+  weights, then overwrites them), so the KAN branch starts ~170x smaller than its input. For reproduction
+  studies.
 """
 
 import math
@@ -103,7 +104,9 @@ def _factorize(target: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def init_mimetic_attention(attn: nn.Module, qk: tuple[float, float] = (0.7, 0.7), vo: tuple[float, float] = (0.4, 0.4)):
+def init_mimetic_attention(
+    attn: nn.Module, qk: tuple[float, float] = (0.7, 0.7), vo: tuple[float, float] = (0.4, 0.4)
+):
     """Mimetic init (Trockman & Kolter 2023): W_q W_k^T = a1 Z1 + b1 I and W_v W_proj = a2 Z2 - b2 I.
 
     Z1, Z2: [d, d] with i.i.d. uniform entries of variance 1/d. With q = x W_q, k = x W_k (timm's qkv rows are
@@ -115,7 +118,9 @@ def init_mimetic_attention(attn: nn.Module, qk: tuple[float, float] = (0.7, 0.7)
     qkv, proj = attn.qkv, attn.proj
     dim, inner = qkv.in_features, qkv.out_features // 3
     if inner > dim:
-        raise ValueError(f"mimetic init needs attention dim {inner} <= embed dim {dim}; use weight_init='official'")
+        raise ValueError(
+            f"mimetic init needs attention dim {inner} <= embed dim {dim}; use weight_init='official'"
+        )
 
     def target(scale: float, identity: float) -> Tensor:
         bound = math.sqrt(3.0 / dim)  # uniform(-bound, bound) has variance 1/dim
@@ -140,7 +145,14 @@ class Kat(VisionTransformer):
         weight_init: 'vp' or 'official', see the module docstring and docs/MODELS.md.
     """
 
-    def __init__(self, act_init: str = "swish", kan_groups: int = 8, weight_init: str = "vp", fix_init=False, **kwargs):
+    def __init__(
+        self,
+        act_init: str = "swish",
+        kan_groups: int = 8,
+        weight_init: str = "vp",
+        fix_init: bool = False,
+        **kwargs,
+    ):
         if weight_init not in WEIGHT_INITS:
             raise ValueError(f"weight_init={weight_init!r}: KAT models take one of {WEIGHT_INITS}")
         mlp_layer = partial(KANMlp, act_init=act_init, groups=kan_groups)
@@ -152,8 +164,8 @@ class Kat(VisionTransformer):
 
     @torch.no_grad()
     def init_weights(self, mode: str = "") -> None:
-        """timm's ViT init (trunc_normal(0.02) linears, zero biases, 0.02 pos_embed), then for 'vp' the
-        variance-preserving KAN init and mimetic attention. Rational coefficients keep their fitted inits."""
+        """timm's ViT init (trunc_normal(0.02) on every linear, zero biases, pos_embed 0.02, tokens 1e-6), fitted
+        rational inits, mimetic attention, then for 'vp' the variance-preserving fc1/fc2."""
         mode = mode or self.weight_init_mode
         if mode not in WEIGHT_INITS:
             raise ValueError(f"weight_init={mode!r}: KAT models take one of {WEIGHT_INITS}")
@@ -163,10 +175,12 @@ class Kat(VisionTransformer):
             if token is not None:
                 nn.init.normal_(token, std=1e-6)
         named_apply(init_weights_vit_timm, self)
-        if mode == "vp":
-            for block in self.blocks:
+        for block in self.blocks:
+            block.mlp.act1.reset_parameters()
+            block.mlp.act2.reset_parameters()
+            init_mimetic_attention(block.attn)
+            if mode == "vp":
                 block.mlp.init_variance_preserving()
-                init_mimetic_attention(block.attn)
         if self.fix_init:
             self.fix_init_weight()
 
@@ -174,9 +188,10 @@ class Kat(VisionTransformer):
     def no_weight_decay(self) -> set[str]:
         """timm's ViT set plus every rational coefficient.
 
-        The coefficients set the shape of the activation functions (like LayerNorm's scale and shift, not like
-        a weight matrix): decaying them to zero pulls every activation towards F(x) = 0, and they are 2-D, so
-        timm's rule of skipping 1-D parameters would not catch them.
+        The coefficients set the shape of the activation functions, like LayerNorm's scale and shift, not a
+        weight matrix's scale: decay would pull every numerator to 0 (F -> 0) and every denominator to a plain
+        polynomial. They are 2-D, so timm's rule of skipping 1-D parameters misses them. (The public KAT code
+        leaves them in; its published runs decayed them with 0.05.)
         """
         rational = {
             f"{module_name}.{param_name}"
@@ -224,29 +239,31 @@ def _published(file: str, on_hub: bool = True, on_github: bool = True) -> dict:
     return _cfg(url=url, **hub)
 
 
-default_cfgs = generate_default_cfgs({
-    "kat_tiny_patch16_224.in1k": _published(
-        "kat_tiny_patch16_224_1f3ad3b2e69821f3d412f2924cf159a0e266f142d739cb68f68f796f5a0fe289.pth"
-    ),
-    "kat_tiny_patch16_224.vitft": _published(
-        "kat_tiny_patch16_224-finetune_64f124d003803e4a7e1aba1ba23500ace359b544e8a5f0110993f25052e402fb.pth",
-        on_hub=False,
-    ),
-    "kat_small_patch16_224.in1k": _published(
-        "kat_small_patch16_224_32487885cf13d2c14e461c9016fac8ad43f7c769171f132530941e930aeb5fe2.pth"
-    ),
-    "kat_small_patch16_224.vitft": _published(
-        "kat_small_patch_224-finetune_3ae087a4c28e2993468eb377d5151350c52c80b2a70cc48ceec63d1328ba58e0.pth",
-        on_hub=False,
-    ),
-    "kat_base_patch16_224.in1k": _published(
-        "kat_base_patch16_224_abff874d925d756d15cde97303f772a3460ddbd44b9c53fb9ce5cf15be230fb6.pth"
-    ),
-    "kat_base_patch16_224.vitft": _published(
-        "kat_base_patch16_224-finetune_440bf1ead9dd8ecab642078cfb60ae542f1fa33ca65517260501e02c011e38f2.pth",
-        on_github=False,
-    ),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "kat_tiny_patch16_224.in1k": _published(
+            "kat_tiny_patch16_224_1f3ad3b2e69821f3d412f2924cf159a0e266f142d739cb68f68f796f5a0fe289.pth"
+        ),
+        "kat_tiny_patch16_224.vitft": _published(
+            "kat_tiny_patch16_224-finetune_64f124d003803e4a7e1aba1ba23500ace359b544e8a5f0110993f25052e402fb.pth",
+            on_hub=False,
+        ),
+        "kat_small_patch16_224.in1k": _published(
+            "kat_small_patch16_224_32487885cf13d2c14e461c9016fac8ad43f7c769171f132530941e930aeb5fe2.pth"
+        ),
+        "kat_small_patch16_224.vitft": _published(
+            "kat_small_patch_224-finetune_3ae087a4c28e2993468eb377d5151350c52c80b2a70cc48ceec63d1328ba58e0.pth",
+            on_hub=False,
+        ),
+        "kat_base_patch16_224.in1k": _published(
+            "kat_base_patch16_224_abff874d925d756d15cde97303f772a3460ddbd44b9c53fb9ce5cf15be230fb6.pth"
+        ),
+        "kat_base_patch16_224.vitft": _published(
+            "kat_base_patch16_224-finetune_440bf1ead9dd8ecab642078cfb60ae542f1fa33ca65517260501e02c011e38f2.pth",
+            on_github=False,
+        ),
+    }
+)
 
 
 def _create_kat(variant: str, pretrained: bool = False, **kwargs) -> Kat:

@@ -51,7 +51,9 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Tensor]:
     """Read a local checkpoint (.safetensors, or a torch .pth/.pt) on CPU and return its unwrapped weights."""
     path = Path(path)
     if path.is_dir():
-        raise FileNotFoundError(f"checkpoint {path} is a directory: pass a weights file in it (e.g. model.safetensors)")
+        raise FileNotFoundError(
+            f"checkpoint {path} is a directory: pass a weights file in it (e.g. model.safetensors)"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {path} does not exist")
     try:
@@ -87,7 +89,9 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict[str, Tensor
             kernel = model.patch_embed.proj.weight.shape[-2:]
             if value.ndim == 4 and value.shape[-2:] != kernel:
                 value = resample_patch_embed(value, list(kernel), verbose=True)
-        elif key == "pos_embed" and model.pos_embed is not None and value.shape[1] != model.pos_embed.shape[1]:
+        elif (
+            key == "pos_embed" and model.pos_embed is not None and value.shape[1] != model.pos_embed.shape[1]
+        ):
             value = _resample_pos_embed(value, model)
         out[key] = value
     check_state_dict_fits(out, model)
@@ -105,8 +109,11 @@ def _resample_pos_embed(pos_embed: Tensor, model: nn.Module) -> Tensor:
             "grid cannot be inferred: build the model with the img_size and patch_size it was trained with"
         )
     return resample_abs_pos_embed(
-        pos_embed, new_size=list(model.patch_embed.grid_size), old_size=[side, side],
-        num_prefix_tokens=num_prefix, verbose=True,
+        pos_embed,
+        new_size=list(model.patch_embed.grid_size),
+        old_size=[side, side],
+        num_prefix_tokens=num_prefix,
+        verbose=True,
     )
 
 

@@ -1,16 +1,16 @@
 """Triton forward and backward kernels of the group-rational activation (FlashKAT-style, deterministic).
 
-x is viewed as a row-major [N, C] matrix (channels last). A program owns a block of BLOCK_C channels, so it
-loads the coefficients of those channels once (a channel's group is c // (C/G)) and streams rows:
-  forward:  one [BLOCK_N, BLOCK_C] tile per program; reads x, writes y.
-  backward: a grid of (row programs x channel blocks); each row program walks a strided set of row tiles,
-            accumulating the 10 coefficient-gradient terms per element in fp32 registers, and writes its
-            per-channel partial sums to a [programs, 10, C] buffer. No atomics: the partials are then summed
-            in a fixed order (over programs, then over the channels of each group) in float64 by torch, so
-            coefficient gradients are bitwise identical run to run (and accurate to ~1e-7).
+x is viewed as a row-major [N, C] matrix (channels last). A program owns a block of BLOCK_C channels inside one
+group, so its 10 coefficients are scalars loaded once (no per-channel registers), and streams rows:
+  forward:  a grid of (row tiles x channel blocks), one [BLOCK_N, BLOCK_C] tile per program; reads x, writes y.
+  backward: a grid of (channel blocks x row programs); each row program walks a strided set of row tiles,
+            accumulating the 10 coefficient-gradient terms per element in fp32 registers, and at the end
+            writes their sums over its tiles to a [row programs, channel blocks, 10] buffer. No atomics: a
+            second small kernel sums the partials in a fixed order in float64, so coefficient gradients are
+            bitwise identical run to run (and accurate to ~1e-7).
 Loads are in the input dtype, all math is fp32 (Horner), y and dx are stored in the input dtype.
 
-Tile sizes are chosen by a heuristic of C rather than by triton.autotune: autotuning may pick different
+Tile sizes are chosen by a heuristic of the group size rather than by triton.autotune: autotuning may pick different
 configs in different processes, which would change the reduction order and break run-to-run determinism.
 """
 
@@ -20,8 +20,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-
-from kat.rational.reference import sign_plus
 
 try:  # triton >= 3.0
     from triton.runtime.interpreter import InterpretedFunction
@@ -33,62 +31,65 @@ _INTERPRETER_PROGRAMS = 4  # stands in for the SM count under TRITON_INTERPRET=1
 
 
 @triton.jit
-def _load_coefficients(num_ptr, den_ptr, cols, col_mask, group_size, num_row_stride, den_row_stride):
-    """Per-channel coefficients [BLOCK_C] in fp32; a row stride of 0 means one row shared by all groups."""
-    group = cols // group_size
+def _group_columns(block, group_size: tl.constexpr, chunks_per_group: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Channel block `block` -> (group, its channel indices [BLOCK_C], mask): blocks never straddle groups."""
+    group = block // chunks_per_group
+    in_group = (block % chunks_per_group) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return group, group * group_size + in_group, in_group < group_size
+
+
+@triton.jit
+def _load_coefficients(num_ptr, den_ptr, group, num_row_stride, den_row_stride):
+    """The group's coefficients as fp32 scalars (|b| for the denominator); row stride 0 = one shared row."""
     num = num_ptr + group * num_row_stride
     den = den_ptr + group * den_row_stride
-    a0 = tl.load(num + 0, mask=col_mask, other=0.0).to(tl.float32)
-    a1 = tl.load(num + 1, mask=col_mask, other=0.0).to(tl.float32)
-    a2 = tl.load(num + 2, mask=col_mask, other=0.0).to(tl.float32)
-    a3 = tl.load(num + 3, mask=col_mask, other=0.0).to(tl.float32)
-    a4 = tl.load(num + 4, mask=col_mask, other=0.0).to(tl.float32)
-    a5 = tl.load(num + 5, mask=col_mask, other=0.0).to(tl.float32)
-    c1 = tl.abs(tl.load(den + 0, mask=col_mask, other=0.0).to(tl.float32))
-    c2 = tl.abs(tl.load(den + 1, mask=col_mask, other=0.0).to(tl.float32))
-    c3 = tl.abs(tl.load(den + 2, mask=col_mask, other=0.0).to(tl.float32))
-    c4 = tl.abs(tl.load(den + 3, mask=col_mask, other=0.0).to(tl.float32))
+    a0 = tl.load(num + 0).to(tl.float32)
+    a1 = tl.load(num + 1).to(tl.float32)
+    a2 = tl.load(num + 2).to(tl.float32)
+    a3 = tl.load(num + 3).to(tl.float32)
+    a4 = tl.load(num + 4).to(tl.float32)
+    a5 = tl.load(num + 5).to(tl.float32)
+    c1 = tl.abs(tl.load(den + 0).to(tl.float32))
+    c2 = tl.abs(tl.load(den + 1).to(tl.float32))
+    c3 = tl.abs(tl.load(den + 2).to(tl.float32))
+    c4 = tl.abs(tl.load(den + 3).to(tl.float32))
     return a0, a1, a2, a3, a4, a5, c1, c2, c3, c4
 
 
 @triton.jit
 def _forward_kernel(
-    x_ptr, y_ptr, num_ptr, den_ptr, group_size, num_row_stride, den_row_stride,
+    x_ptr, y_ptr, num_ptr, den_ptr, num_row_stride, den_row_stride,
     n_rows, n_cols,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    group_size: tl.constexpr, chunks_per_group: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < n_cols
+    group, cols, col_mask = _group_columns(tl.program_id(1), group_size, chunks_per_group, BLOCK_C)
     a0, a1, a2, a3, a4, a5, c1, c2, c3, c4 = _load_coefficients(
-        num_ptr, den_ptr, cols, col_mask, group_size, num_row_stride, den_row_stride
+        num_ptr, den_ptr, group, num_row_stride, den_row_stride
     )
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
     mask = (rows < n_rows)[:, None] & col_mask[None, :]
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     ax = tl.abs(x)
-    p = ((((a5[None, :] * x + a4[None, :]) * x + a3[None, :]) * x + a2[None, :]) * x + a1[None, :]) * x
-    p += a0[None, :]
-    q = 1.0 + ax * (c1[None, :] + ax * (c2[None, :] + ax * (c3[None, :] + ax * c4[None, :])))
+    p = (((((a5 * x + a4) * x + a3) * x + a2) * x + a1) * x) + a0
+    q = 1.0 + ax * (c1 + ax * (c2 + ax * (c3 + ax * c4)))
     tl.store(y_ptr + offsets, (p / q).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _backward_kernel(
-    grad_ptr, x_ptr, dx_ptr, partial_ptr, num_ptr, den_ptr, group_size, num_row_stride, den_row_stride,
+    grad_ptr, x_ptr, dx_ptr, partial_ptr, num_ptr, den_ptr, num_row_stride, den_row_stride,
     n_rows, n_cols, n_row_tiles,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    group_size: tl.constexpr, chunks_per_group: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
-    n_row_programs = tl.num_programs(0)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < n_cols
+    block = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    n_row_programs = tl.num_programs(1)
+    group, cols, col_mask = _group_columns(block, group_size, chunks_per_group, BLOCK_C)
     a0, a1, a2, a3, a4, a5, c1, c2, c3, c4 = _load_coefficients(
-        num_ptr, den_ptr, cols, col_mask, group_size, num_row_stride, den_row_stride
+        num_ptr, den_ptr, group, num_row_stride, den_row_stride
     )
-    a0, a1, a2, a3, a4, a5 = a0[None, :], a1[None, :], a2[None, :], a3[None, :], a4[None, :], a5[None, :]
-    c1, c2, c3, c4 = c1[None, :], c2[None, :], c3[None, :], c4[None, :]
-    # Sums over rows of g x^i / Q (i = 0..5) and of g |x|^j P / Q^2 (j = 1..4), per channel.
+    # Element-wise running sums of g x^i / Q (i = 0..5) and g |x|^j P / Q^2 (j = 1..4).
     acc_a0 = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
     acc_a1 = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
     acc_a2 = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
@@ -111,8 +112,9 @@ def _backward_kernel(
         q = 1.0 + ax * (c1 + ax * (c2 + ax * (c3 + ax * c4)))
         dq = c1 + ax * (2.0 * c2 + ax * (3.0 * c3 + ax * (4.0 * c4)))  # dQ/d|x|
         dq = tl.where(x >= 0, dq, -dq)  # sign(0) = +1
-        g_over_q = g / q
-        f = p / q
+        inv_q = 1.0 / q
+        f = p * inv_q
+        g_over_q = g * inv_q
         tl.store(dx_ptr + offsets, (g_over_q * (dp - dq * f)).to(dx_ptr.dtype.element_ty), mask=mask)
         t = g_over_q
         acc_a0 += t
@@ -134,43 +136,82 @@ def _backward_kernel(
         acc_b3 += u
         u *= ax
         acc_b4 += u
-    # partial[pid_n, k, c] = sum over this program's rows of term k at channel c.
-    out = partial_ptr + pid_n * 10 * n_cols + cols
-    tl.store(out + 0 * n_cols, tl.sum(acc_a0, axis=0), mask=col_mask)
-    tl.store(out + 1 * n_cols, tl.sum(acc_a1, axis=0), mask=col_mask)
-    tl.store(out + 2 * n_cols, tl.sum(acc_a2, axis=0), mask=col_mask)
-    tl.store(out + 3 * n_cols, tl.sum(acc_a3, axis=0), mask=col_mask)
-    tl.store(out + 4 * n_cols, tl.sum(acc_a4, axis=0), mask=col_mask)
-    tl.store(out + 5 * n_cols, tl.sum(acc_a5, axis=0), mask=col_mask)
-    tl.store(out + 6 * n_cols, tl.sum(acc_b1, axis=0), mask=col_mask)
-    tl.store(out + 7 * n_cols, tl.sum(acc_b2, axis=0), mask=col_mask)
-    tl.store(out + 8 * n_cols, tl.sum(acc_b3, axis=0), mask=col_mask)
-    tl.store(out + 9 * n_cols, tl.sum(acc_b4, axis=0), mask=col_mask)
+    # partial[pid_n, block, k]: this program's sum of term k over its tile (one group, no atomics).
+    out = partial_ptr + (pid_n * tl.num_programs(0) + block) * 10
+    tl.store(out + 0, tl.sum(tl.sum(acc_a0, axis=1), axis=0))
+    tl.store(out + 1, tl.sum(tl.sum(acc_a1, axis=1), axis=0))
+    tl.store(out + 2, tl.sum(tl.sum(acc_a2, axis=1), axis=0))
+    tl.store(out + 3, tl.sum(tl.sum(acc_a3, axis=1), axis=0))
+    tl.store(out + 4, tl.sum(tl.sum(acc_a4, axis=1), axis=0))
+    tl.store(out + 5, tl.sum(tl.sum(acc_a5, axis=1), axis=0))
+    tl.store(out + 6, tl.sum(tl.sum(acc_b1, axis=1), axis=0))
+    tl.store(out + 7, tl.sum(tl.sum(acc_b2, axis=1), axis=0))
+    tl.store(out + 8, tl.sum(tl.sum(acc_b3, axis=1), axis=0))
+    tl.store(out + 9, tl.sum(tl.sum(acc_b4, axis=1), axis=0))
+
+
+@triton.jit
+def _reduce_kernel(
+    partial_ptr, den_ptr, d_num_ptr, d_den_ptr, den_row_stride, n_row_programs,
+    groups: tl.constexpr, chunks_per_group: tl.constexpr, NUM_SHARED: tl.constexpr, DEN_SHARED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Program k (0..9) sums partial[:, blocks of group g, k] in float64 in a fixed order, for each group;
+    applies dF/db = -sign(b) (...) for the denominator; sums over groups for a shared coefficient row."""
+    k = tl.program_id(0)
+    is_num = k < 6
+    is_den = k >= 6
+    n_items = n_row_programs * chunks_per_group
+    b = tl.load(den_ptr + k - 6, mask=is_den, other=0.0)  # shared denominator row (if DEN_SHARED)
+    total = tl.zeros((BLOCK,), tl.float64)
+    for g in range(groups):
+        acc = tl.zeros((BLOCK,), tl.float64)
+        for start in range(0, n_items, BLOCK):
+            i = start + tl.arange(0, BLOCK)
+            block = g * chunks_per_group + i % chunks_per_group
+            offsets = ((i // chunks_per_group) * (groups * chunks_per_group) + block) * 10 + k
+            acc += tl.load(partial_ptr + offsets, mask=i < n_items, other=0.0).to(tl.float64)
+        if not DEN_SHARED:
+            b = tl.load(den_ptr + g * den_row_stride + k - 6, mask=is_den, other=0.0)
+        factor = tl.where(is_num, 1.0, tl.where(b >= 0, -1.0, 1.0)).to(tl.float64)  # sign(0) = +1
+        acc = acc * factor
+        value = tl.sum(acc, axis=0).to(tl.float32)
+        if not NUM_SHARED:
+            tl.store(d_num_ptr + g * 6 + k, value, mask=is_num)
+        if not DEN_SHARED:
+            tl.store(d_den_ptr + g * 4 + k - 6, value, mask=is_den)
+        total += acc
+    value = tl.sum(total, axis=0).to(tl.float32)
+    if NUM_SHARED:
+        tl.store(d_num_ptr + k, value, mask=is_num)
+    if DEN_SHARED:
+        tl.store(d_den_ptr + k - 6, value, mask=is_den)
 
 
 INTERPRETED = isinstance(_forward_kernel, InterpretedFunction)
 
 
-def block_channels(n_cols: int) -> int:
-    """Channels per program: the largest power of two <= 256 dividing C (no masked lanes), else a masked block."""
+def block_channels(group_size: int) -> int:
+    """Channels per program (blocks never straddle groups, so coefficients are per-program scalars): the
+    largest power of two <= 256 dividing C/G if it is >= 32 (no masked lanes), else a masked power of two."""
     block = 256
     while block >= 32:
-        if n_cols % block == 0:
+        if group_size % block == 0:
             return block
         block //= 2
-    return min(256, triton.next_power_of_2(n_cols))
+    return min(256, triton.next_power_of_2(group_size))
 
 
-def forward_config(n_cols: int, dtype: torch.dtype) -> dict:
-    """Tile of about 8K elements (32 KB fp32 / 16 KB bf16 per program), 8 warps."""
-    block_c = block_channels(n_cols)
-    return {"BLOCK_N": max(1, 8192 // block_c), "BLOCK_C": block_c, "num_warps": 8}
+def forward_config(group_size: int) -> dict:
+    """Tiles of 8K elements (32 KB fp32 / 16 KB bf16 per program), 8 warps."""
+    block_c = block_channels(group_size)
+    return {"BLOCK_N": 8192 // block_c, "BLOCK_C": block_c, "num_warps": 8}
 
 
-def backward_config(n_cols: int, dtype: torch.dtype) -> dict:
-    """Row tiles of about 2K elements (10 fp32 accumulators each), ~4 programs per SM in total."""
-    block_c = block_channels(n_cols)
-    return {"BLOCK_N": max(1, 2048 // block_c), "BLOCK_C": block_c, "num_warps": 8, "programs_per_sm": 4}
+def backward_config(group_size: int) -> dict:
+    """Row tiles of 1K elements (8 per thread: 10 fp32 accumulators each), ~8 programs per SM in total."""
+    block_c = block_channels(group_size)
+    return {"BLOCK_N": 1024 // block_c, "BLOCK_C": block_c, "num_warps": 4, "programs_per_sm": 8}
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -206,30 +247,41 @@ def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _coefficient_args(numerator: Tensor, denominator: Tensor, group_size: int) -> tuple:
+def _launch_args(
+    x2d: Tensor, numerator: Tensor, denominator: Tensor, block_c: int
+) -> tuple[tuple, dict, int]:
+    """(positional kernel arguments after the tensors, constexpr arguments, number of channel blocks).
+
+    The group size is a compile-time constant: the compiler then knows each block's start alignment and
+    vectorises the loads (a KAT model has only two or three distinct group sizes).
+    """
+    n_rows, n_cols = x2d.shape
+    groups = max(numerator.shape[0], denominator.shape[0])
+    group_size = n_cols // groups
+    chunks_per_group = triton.cdiv(group_size, block_c)
     num = numerator.detach().float().contiguous()
     den = denominator.detach().float().contiguous()
     num_row_stride = 0 if numerator.shape[0] == 1 else 6
     den_row_stride = 0 if denominator.shape[0] == 1 else 4
-    return num, den, group_size, num_row_stride, den_row_stride
+    args = (num, den, num_row_stride, den_row_stride, n_rows, n_cols)
+    constants = {"group_size": group_size, "chunks_per_group": chunks_per_group, "BLOCK_C": block_c}
+    return args, constants, groups * chunks_per_group
 
 
 def rational_forward(x: Tensor, numerator: Tensor, denominator: Tensor, config: dict | None = None) -> Tensor:
     """y = F(x) (x's shape and dtype, contiguous). `config` overrides `forward_config` (benchmarks only)."""
     _check_runnable(x)
-    n_cols = x.shape[-1]
-    groups = max(numerator.shape[0], denominator.shape[0])
-    x2d = x.contiguous().view(-1, n_cols)  # [N, C]
+    x2d = x.contiguous().view(-1, x.shape[-1])  # [N, C]
     y = torch.empty_like(x2d)
-    n_rows = x2d.shape[0]
     if x.numel() > 0:
-        cfg = config or forward_config(n_cols, x.dtype)
-        grid = (triton.cdiv(n_rows, cfg["BLOCK_N"]), triton.cdiv(n_cols, cfg["BLOCK_C"]))
+        groups = max(numerator.shape[0], denominator.shape[0])
+        cfg = config or forward_config(x.shape[-1] // groups)
+        args, constants, n_blocks = _launch_args(x2d, numerator, denominator, cfg["BLOCK_C"])
+        grid = (triton.cdiv(x2d.shape[0], cfg["BLOCK_N"]), n_blocks)  # rows on axis 0: no 65535 limit
         with _device_guard(x.device):
             _forward_kernel[grid](
-                x2d, y, *_coefficient_args(numerator, denominator, n_cols // groups), n_rows, n_cols,
-                BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
-            )  # fmt: skip
+                x2d, y, *args, **constants, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"]
+            )
     return y.view(x.shape)
 
 
@@ -238,31 +290,28 @@ def rational_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx in x's dtype, d numerator, d denominator in the coefficients' dtypes); deterministic."""
     _check_runnable(x)
-    n_cols = x.shape[-1]
     groups = max(numerator.shape[0], denominator.shape[0])
-    x2d = x.contiguous().view(-1, n_cols)  # [N, C]
-    grad2d = grad_output.to(x.dtype).contiguous().view(-1, n_cols)
+    x2d = x.contiguous().view(-1, x.shape[-1])  # [N, C]
+    grad2d = grad_output.to(x.dtype).contiguous().view(-1, x.shape[-1])
     dx = torch.empty_like(x2d)
-    n_rows = x2d.shape[0]
-    cfg = config or backward_config(n_cols, x.dtype)
-    n_col_blocks = triton.cdiv(n_cols, cfg["BLOCK_C"])
-    n_row_tiles = triton.cdiv(n_rows, cfg["BLOCK_N"])
-    target = max(1, (_num_sms(x.device) * cfg["programs_per_sm"]) // n_col_blocks)
-    n_row_programs = max(1, min(n_row_tiles, target))
-    partials = torch.zeros(n_row_programs, 10, n_cols, device=x.device, dtype=torch.float32)
-    if x.numel() > 0:
-        with _device_guard(x.device):
-            _backward_kernel[(n_row_programs, n_col_blocks)](
-                grad2d, x2d, dx, partials, *_coefficient_args(numerator, denominator, n_cols // groups),
-                n_rows, n_cols, n_row_tiles,
-                BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+    cfg = config or backward_config(x.shape[-1] // groups)
+    args, constants, n_blocks = _launch_args(x2d, numerator, denominator, cfg["BLOCK_C"])
+    n_row_tiles = triton.cdiv(x2d.shape[0], cfg["BLOCK_N"])
+    n_row_programs = max(1, min(n_row_tiles, _num_sms(x.device) * cfg["programs_per_sm"] // n_blocks))
+    partials = torch.empty(n_row_programs, n_blocks, 10, device=x.device, dtype=torch.float32)
+    d_num = torch.empty(numerator.shape, device=x.device, dtype=torch.float32)
+    d_den = torch.empty(denominator.shape, device=x.device, dtype=torch.float32)
+    if x.numel() == 0:
+        partials.zero_()
+    with _device_guard(x.device):
+        if x.numel() > 0:
+            _backward_kernel[(n_blocks, n_row_programs)](
+                grad2d, x2d, dx, partials, *args, n_row_tiles,
+                **constants, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
             )  # fmt: skip
-    # Fixed-order reduction: over programs, then over each group's channels, in float64.
-    sums = partials.sum(0, dtype=torch.float64).view(10, groups, n_cols // groups).sum(-1)  # [10, G]
-    d_num = sums[:6].t()  # [G, 6]
-    d_den = -sums[6:].t() * sign_plus(denominator.detach().double())  # [G, 4]
-    if numerator.shape[0] == 1:
-        d_num = d_num.sum(0, keepdim=True)
-    if denominator.shape[0] == 1:
-        d_den = d_den.sum(0, keepdim=True)
-    return dx.view(x.shape), d_num.to(numerator.dtype).contiguous(), d_den.to(denominator.dtype).contiguous()
+        _reduce_kernel[(10,)](
+            partials, args[1], d_num, d_den, args[3], n_row_programs,
+            groups=groups, chunks_per_group=constants["chunks_per_group"],
+            NUM_SHARED=numerator.shape[0] == 1, DEN_SHARED=denominator.shape[0] == 1, BLOCK=128, num_warps=1,
+        )  # fmt: skip
+    return dx.view(x.shape), d_num.to(numerator.dtype), d_den.to(denominator.dtype)

@@ -23,8 +23,7 @@ _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _kernels():
-    # Imported on first use, so that `import kat` does not import triton (TRITON_INTERPRET is read when the
-    # kernels are decorated, and tests set it before that).
+    # Imported on first use: kat works where triton is not installed (the 'torch' backend needs no triton).
     from kat.rational import kernels
 
     return kernels

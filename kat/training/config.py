@@ -57,7 +57,7 @@ class TrainConfig:
     ratio: list[float] = _doc_factory("RandomResizedCrop aspect-ratio range", lambda: [3 / 4, 4 / 3])
     hflip: float = _doc("horizontal flip probability", 0.5)
     color_jitter: float = _doc("color jitter strength (timm ignores it while `aa` is set)", 0.4)
-    aa: str | None = _doc("timm auto-augment policy; null = none", "rand-m9-mstd0.5-inc1")
+    aa: str | None = _doc("timm auto-augment policy; null = none", "rand-m9-mstd0.5")
     train_interpolation: str = _doc("train resize interpolation", "bicubic")
     reprob: float = _doc("random erasing probability", 0.25)
     remode: str = _doc("random erasing fill mode", "pixel")

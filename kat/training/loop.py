@@ -295,7 +295,6 @@ def train(cfg: TrainConfig) -> dict:
                     ema.update(raw_model, step=step)
                 loss_total += step_loss
                 train_set.check_bad_images()
-                progress.update(1)
 
                 end_of_epoch = update == updates_this_epoch - 1
                 final = step >= stop_step
@@ -319,6 +318,7 @@ def train(cfg: TrainConfig) -> dict:
                     progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_now:.2e}",
                                          img_s=f"{record['images_per_sec']:.0f}", refresh=False)
                     log_clock, log_step, data_time = now, step, 0.0
+                progress.update(1)
 
                 if end_of_epoch:
                     epoch, samples_in_epoch = epoch + 1, 0

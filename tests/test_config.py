@@ -1,0 +1,96 @@
+"""Config resolution: defaults < YAML < flags, the shipped configs, and errors that name the key and the fix."""
+
+import pytest
+
+from kat.training.config import CONFIGS_DIR, ConfigError, TrainConfig, load_yaml, parse_config, save_config
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_precedence_defaults_yaml_flags(tmp_path):
+    config = write(tmp_path / "mine.yaml", "batch_size: 32\nlr: 5e-4\nmodel_kwargs: {depth: 2, embed_dim: 32}\n")
+    cfg = parse_config(["--config", config, "--batch-size", "16", "--model_kwargs.depth", "1"])
+    assert cfg.batch_size == 16  # flag beats YAML
+    assert cfg.lr == 5e-4 and isinstance(cfg.lr, float)  # YAML's `5e-4` is a string to PyYAML; we accept it
+    assert cfg.epochs == TrainConfig().epochs  # default where neither says anything
+    assert cfg.model_kwargs == {"depth": 1, "embed_dim": 32}  # dict keys merge
+    assert cfg.run_name == "mine"  # from the config file name
+
+
+def test_flag_spellings_and_values():
+    cfg = parse_config(["--batch_size=8", "--compile", "--wandb-entity", "null", "--opt_betas", "[0.9, 0.95]",
+                        "--run_name", "2024", "--model_kwargs", "{depth: 3}"])
+    assert (cfg.batch_size, cfg.compile, cfg.wandb_entity, cfg.opt_betas) == (8, True, None, [0.9, 0.95])
+    assert cfg.run_name == "2024" and cfg.model_kwargs == {"depth": 3}
+    assert parse_config(["--compile", "false"]).compile is False
+    assert parse_config([]).run_name == TrainConfig().model
+
+
+@pytest.mark.parametrize("name", ["demo", "demo.yaml", "configs/demo.yaml"])
+def test_bare_config_name_finds_configs_dir(name):
+    assert parse_config(["--config", name]).data_dir == "data/demo"
+
+
+def test_shipped_recipe_configs():
+    for name in ("kat_t", "kat_s", "kat_b", "vit_s", "demo"):
+        assert set(load_yaml(CONFIGS_DIR / f"{name}.yaml")) <= set(TrainConfig().to_dict()), name
+    expected = {"kat_t": ("kat_tiny", 0.1), "kat_s": ("kat_small", 0.1), "kat_b": ("kat_base", 0.4),
+                "vit_s": ("vit_small_patch16_224", 0.1)}
+    for name, (model, drop_path) in expected.items():
+        cfg = parse_config(["--config", name])
+        assert (cfg.model, cfg.drop_path) == (model, drop_path)
+        # KAT_FACTS section 4 at global batch 1024 = 8 processes x 128
+        assert cfg.global_batch_size(8) == 1024 and cfg.scaled_lr(8) == pytest.approx(1e-3)
+        assert cfg.scaled_lr(2) == pytest.approx(2.5e-4)  # linear rule for other batch sizes
+        assert (cfg.weight_decay, cfg.warmup_epochs, cfg.epochs, cfg.clip_grad) == (0.05, 5, 300, None)
+        assert (cfg.mixup, cfg.cutmix, cfg.mixup_switch_prob, cfg.smoothing, cfg.reprob) == (0.8, 1.0, 0.5, 0.1, 0.25)
+        assert cfg.aa.startswith("rand-m9-mstd0.5") and cfg.model_ema_decay == 0.9999
+        assert (cfg.crop_pct, cfg.interpolation, cfg.opt, cfg.opt_betas) == (0.875, "bicubic", "adamw", [0.9, 0.999])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch_sise", "3"], "unknown flag '--batch_sise'; did you mean 'batch_size'"),
+        (["--lr", "fast"], "config key 'lr' expects float, got 'fast'"),
+        (["--epochs", "2.5"], "config key 'epochs' expects int"),
+        (["--mixed_precision", "fp8"], "'fp8' is not one of 'no', 'bf16', 'fp16'"),
+        (["--model_kwargs", "3"], "config key 'model_kwargs' expects a mapping"),
+        (["--config", "nope.yaml"], "config file 'nope.yaml' not found"),
+        (["--batch_size", "0"], "'batch_size' must be >= 1"),
+        (["--batch_size", "7"], "'batch_size' must be even"),  # mixup is on by default
+        (["--model_kwargs.drop_path_rate", "0.2"], "set 'drop_path'"),
+    ],
+)
+def test_bad_flags(argv, message):
+    with pytest.raises(ConfigError) as error:
+        parse_config(argv)
+    assert message in str(error.value)
+
+
+def test_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key 'epoch' in .*bad.yaml; did you mean 'epochs'"):
+        parse_config(["--config", write(tmp_path / "bad.yaml", "epoch: 3\n")])
+    with pytest.raises(ConfigError, match="config key 'workers' expects int, got 'many'"):
+        parse_config(["--config", write(tmp_path / "bad2.yaml", "workers: many\n")])
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        parse_config(["--config", write(tmp_path / "bad3.yaml", "- a\n- b\n")])
+    # Loaded with yaml.safe_load: no Python objects from config files.
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse_config(["--config", write(tmp_path / "bad4.yaml", "model: !!python/name:os.system\n")])
+
+
+def test_saved_config_reproduces_the_run(tmp_path):
+    cfg = parse_config(["--config", "demo", "--lr", "3e-3", "--model_kwargs.depth", "1"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert parse_config(["--config", str(tmp_path / "config.yaml")]) == cfg
+
+
+def test_train_entry_point_reports_config_errors(capsys):
+    import train
+
+    assert train.main(["--config", "demo", "--wandb_mod", "offline"]) == 2
+    assert "did you mean 'wandb_mode'" in capsys.readouterr().err

@@ -1,0 +1,161 @@
+"""train.py end to end on CPU: the demo config through the real pipeline, resume, DDP over gloo, bad data.
+
+Tiny models (1 block of width 32) and small copies of the committed demo digits keep this to about a minute
+on 2 cores. Most runs call train() in-process (no interpreter start-up); the two that test the command lines
+users type (`python train.py`, `accelerate launch`) run them as subprocesses.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train as train_script
+from kat.training.checkpoint import read_checkpoint, resolve_checkpoint
+from kat.training.config import parse_config
+from kat.training.loop import train
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "data" / "demo"
+TINY = ["--model_kwargs.depth", "1", "--model_kwargs.embed_dim", "32", "--model_kwargs.num_heads", "2"]
+QUIET = ["--wandb_mode", "disabled", "--plot_rationals", "false", "--workers", "0"]
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["type"] == kind]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    """160 train / 101 val demo digits (an odd val count: DDP evaluation must not pad or drop)."""
+    root = tmp_path_factory.mktemp("digits")
+    for split, per_class in (("train", 16), ("val", 10)):
+        for c in range(10):
+            files = sorted((DEMO / split / str(c)).glob("*.png"))[: per_class + (split == "val" and c == 0)]
+            (root / split / str(c)).mkdir(parents=True)
+            for f in files:
+                shutil.copy(f, root / split / str(c) / f.name)
+    return root
+
+
+def env(tmp_path: Path) -> dict:
+    return {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": str(REPO),
+            "OMP_NUM_THREADS": "1", "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
+            "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config")}
+
+
+def test_demo_config_with_python_train_py(tmp_path):
+    """The README command shape, shortened: checkpoints, metrics.jsonl, W&B offline run, plots, summary line."""
+    argv = [sys.executable, "train.py", "--config", "demo.yaml", "--output_dir", str(tmp_path), *TINY,
+            "--max_steps", "4", "--checkpoint_interval", "2", "--keep_checkpoints", "1", "--wandb_mode", "offline"]
+    result = subprocess.run(argv, cwd=REPO, env=env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Training finished: val top-1" in result.stdout and "chance 10.0%" in result.stdout
+    assert "GR-KAN backend: torch" in result.stderr
+
+    run_dir = tmp_path / "demo"
+    steps = records(run_dir, "step")
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:
+        assert {"step", "epoch", "loss", "lr", "grad_norm", "images_per_sec", "step_time", "data_time"} <= set(r)
+        assert r["images_per_sec"] > 0 and r["step_time"] >= r["data_time"] >= 0
+    (final,) = records(run_dir, "eval")
+    assert final["step"] == 4 and final["val"]["num_images"] == 1000 and final["val_ema"]["num_images"] == 1000
+    assert records(run_dir, "run")[0]["rational_backend"] == "torch"
+
+    assert parse_config(["--config", str(run_dir / "config.yaml")]).max_steps == 4
+    # keep_checkpoints 1: step-2 was pruned after step-4 was complete; latest and best name step-4.
+    assert sorted(p.name for p in run_dir.glob("step-*")) == ["step-00000004"]
+    assert (run_dir / "latest").read_text().strip() == (run_dir / "best").read_text().strip() == "step-00000004"
+    checkpoint = resolve_checkpoint(run_dir)
+    state_dict, meta = read_checkpoint(run_dir)
+    ema_state, _ = read_checkpoint(checkpoint, ema=True)
+    assert meta["format"] == "kat-checkpoint/1" and meta["model"] == "kat_tiny" and meta["step"] == 4
+    assert meta["class_names"] == [str(i) for i in range(10)] and meta["num_classes"] == 10
+    assert meta["data_config"]["input_size"] == [3, 28, 28] and meta["model_kwargs"]["depth"] == 1
+    assert meta["metrics"]["val"]["top1"] == final["val"]["top1"]
+    assert "blocks.0.mlp.act1.weight_denominator" in state_dict and set(ema_state) == set(state_dict)
+    assert all(v.dtype == torch.float32 for v in state_dict.values())
+    state = torch.load(checkpoint / "training_state.pt", weights_only=True)
+    assert state["step"] == 4 and state["epoch"] == 0 and state["samples_in_epoch"] == 4 * 64
+
+    assert list(run_dir.glob("plots/rationals-step-00000004.png"))
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    assert list(run_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
+
+
+def test_resumed_run_continues_exactly(tmp_path, digits):
+    """Stop at step 3 (mid-epoch) and rerun the same command: identical to one uninterrupted run."""
+
+    def run(name, max_steps):
+        argv = ["--config", "demo", "--data_dir", str(digits), "--output_dir", str(tmp_path), "--run_name", name,
+                "--batch_size", "16", "--epochs", "2", "--checkpoint_interval", "3", *TINY, *QUIET,
+                "--max_steps", str(max_steps)]
+        return train(parse_config(argv))
+
+    straight = run("straight", 6)
+    run("resumed", 3)
+    resumed = run("resumed", 6)  # same command, more steps: picks up step-00000003
+
+    a, b = tmp_path / "straight", tmp_path / "resumed"
+    steps_b = [r["step"] for r in records(b, "step")]
+    assert steps_b == [1, 2, 3, 4, 5, 6]
+    assert records(b, "run")[1]["resumed_from"].endswith("step-00000003")
+    assert [r["loss"] for r in records(a, "step")] == [r["loss"] for r in records(b, "step")]
+    for name in ("model.safetensors", "ema.safetensors"):
+        wa, wb = load_file(a / "step-00000006" / name), load_file(b / "step-00000006" / name)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+    assert straight["val"] == {**resumed["val"], "images_per_sec": straight["val"]["images_per_sec"]}
+
+    # Nothing left to do: the rerun says so and changes nothing.
+    assert train(parse_config(["--config", "demo", "--data_dir", str(digits), "--output_dir", str(tmp_path),
+                               "--run_name", "resumed", "--batch_size", "16", "--epochs", "2", *TINY, *QUIET,
+                               "--max_steps", "6"]))["val"]["top1"] == resumed["val"]["top1"]
+    # --resume none never overwrites an existing run.
+    assert train_script.main(["--config", "demo", "--output_dir", str(tmp_path), "--run_name", "resumed",
+                              "--resume", "none", *TINY, *QUIET]) == 2
+
+
+def test_loss_falls_on_a_fixed_tiny_set(tmp_path, digits):
+    argv = ["--config", "demo", "--data_dir", str(digits), "--output_dir", str(tmp_path), *TINY, *QUIET,
+            "--batch_size", "32", "--epochs", "6", "--scale", "[1, 1]", "--ratio", "[1, 1]", "--smoothing", "0",
+            "--lr", "3e-3", "--warmup_epochs", "0", "--checkpoint_interval", "null"]
+    result = train(parse_config(argv))
+    losses = [r["loss"] for r in records(tmp_path / "demo", "step")]
+    assert len(losses) == 30
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert first > 2.0 and last < 0.75 * first, losses
+    assert result["val"]["top1"] > 30  # 10 classes: chance is 10%
+
+
+def test_accelerate_launch_two_cpu_processes(tmp_path, digits):
+    """DDP over gloo: global images/s, an exact evaluation over 101 images, per-process RNG in checkpoints."""
+    argv = ["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+            "no", "--dynamo_backend", "no", "--main_process_port", "29517", "train.py", "--config", "demo",
+            "--data_dir", str(digits), "--output_dir", str(tmp_path), "--batch_size", "16", "--max_steps", "3",
+            *TINY, *QUIET]
+    result = subprocess.run(argv, cwd=REPO, env=env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "demo"
+    assert [r["step"] for r in records(run_dir, "step")] == [1, 2, 3]  # one writer, not two
+    (run_record,) = records(run_dir, "run")
+    assert run_record["num_processes"] == 2 and run_record["global_batch_size"] == 32
+    (final,) = records(run_dir, "eval")
+    assert final["val"]["num_images"] == final["val_ema"]["num_images"] == 101
+    state = torch.load(run_dir / "step-00000003" / "training_state.pt", weights_only=True)
+    assert len(state["rng"]) == 2 and state["samples_in_epoch"] == 3 * 32
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+
+
+def test_bad_data_is_a_clear_error(tmp_path, capsys):
+    shutil.copytree(DEMO / "train" / "0", tmp_path / "data" / "train" / "0")
+    argv = ["--config", "demo", "--data_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path), *QUIET]
+    assert train_script.main(argv) == 2
+    assert f"'{tmp_path / 'data' / 'val'}' is missing" in capsys.readouterr().err
