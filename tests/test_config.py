@@ -11,7 +11,9 @@ def write(path, text):
 
 
 def test_precedence_defaults_yaml_flags(tmp_path):
-    config = write(tmp_path / "mine.yaml", "batch_size: 32\nlr: 5e-4\nmodel_kwargs: {depth: 2, embed_dim: 32}\n")
+    config = write(
+        tmp_path / "mine.yaml", "batch_size: 32\nlr: 5e-4\nmodel_kwargs: {depth: 2, embed_dim: 32}\n"
+    )
     cfg = parse_config(["--config", config, "--batch-size", "16", "--model_kwargs.depth", "1"])
     assert cfg.batch_size == 16  # flag beats YAML
     assert cfg.lr == 5e-4 and isinstance(cfg.lr, float)  # YAML's `5e-4` is a string to PyYAML; we accept it
@@ -21,8 +23,20 @@ def test_precedence_defaults_yaml_flags(tmp_path):
 
 
 def test_flag_spellings_and_values():
-    cfg = parse_config(["--batch_size=8", "--compile", "--wandb-entity", "null", "--opt_betas", "[0.9, 0.95]",
-                        "--run_name", "2024", "--model_kwargs", "{depth: 3}"])
+    cfg = parse_config(
+        [
+            "--batch_size=8",
+            "--compile",
+            "--wandb-entity",
+            "null",
+            "--opt_betas",
+            "[0.9, 0.95]",
+            "--run_name",
+            "2024",
+            "--model_kwargs",
+            "{depth: 3}",
+        ]
+    )
     assert (cfg.batch_size, cfg.compile, cfg.wandb_entity, cfg.opt_betas) == (8, True, None, [0.9, 0.95])
     assert cfg.run_name == "2024" and cfg.model_kwargs == {"depth": 3}
     assert parse_config(["--compile", "false"]).compile is False
@@ -37,8 +51,12 @@ def test_bare_config_name_finds_configs_dir(name):
 def test_shipped_recipe_configs():
     for name in ("kat_t", "kat_s", "kat_b", "vit_s", "demo"):
         assert set(load_yaml(CONFIGS_DIR / f"{name}.yaml")) <= set(TrainConfig().to_dict()), name
-    expected = {"kat_t": ("kat_tiny", 0.1), "kat_s": ("kat_small", 0.1), "kat_b": ("kat_base", 0.4),
-                "vit_s": ("vit_small_patch16_224", 0.1)}
+    expected = {
+        "kat_t": ("kat_tiny", 0.1),
+        "kat_s": ("kat_small", 0.1),
+        "kat_b": ("kat_base", 0.4),
+        "vit_s": ("vit_small_patch16_224", 0.1),
+    }
     for name, (model, drop_path) in expected.items():
         cfg = parse_config(["--config", name])
         assert (cfg.model, cfg.drop_path) == (model, drop_path)
@@ -46,9 +64,20 @@ def test_shipped_recipe_configs():
         assert cfg.global_batch_size(8) == 1024 and cfg.scaled_lr(8) == pytest.approx(1e-3)
         assert cfg.scaled_lr(2) == pytest.approx(2.5e-4)  # linear rule for other batch sizes
         assert (cfg.weight_decay, cfg.warmup_epochs, cfg.epochs, cfg.clip_grad) == (0.05, 5, 300, None)
-        assert (cfg.mixup, cfg.cutmix, cfg.mixup_switch_prob, cfg.smoothing, cfg.reprob) == (0.8, 1.0, 0.5, 0.1, 0.25)
+        assert (cfg.mixup, cfg.cutmix, cfg.mixup_switch_prob, cfg.smoothing, cfg.reprob) == (
+            0.8,
+            1.0,
+            0.5,
+            0.1,
+            0.25,
+        )
         assert cfg.aa.startswith("rand-m9-mstd0.5") and cfg.model_ema_decay == 0.9999
-        assert (cfg.crop_pct, cfg.interpolation, cfg.opt, cfg.opt_betas) == (0.875, "bicubic", "adamw", [0.9, 0.999])
+        assert (cfg.crop_pct, cfg.interpolation, cfg.opt, cfg.opt_betas) == (
+            0.875,
+            "bicubic",
+            "adamw",
+            [0.9, 0.999],
+        )
 
 
 @pytest.mark.parametrize(

@@ -68,7 +68,9 @@ def test_empty_class_folder(tmp_path):
 def test_unreadable_images_are_skipped_named_and_counted(tmp_path, caplog):
     root = make_folder(tmp_path, per_class=4)
     truncated = root / "train" / "a" / "1.png"
-    noise = Image.frombytes("RGB", (64, 64), torch.randint(0, 256, (64 * 64 * 3,), dtype=torch.uint8).numpy().tobytes())
+    noise = Image.frombytes(
+        "RGB", (64, 64), torch.randint(0, 256, (64 * 64 * 3,), dtype=torch.uint8).numpy().tobytes()
+    )
     noise.save(truncated)
     truncated.write_bytes(truncated.read_bytes()[:4000])  # a cut-off download
     not_image = root / "train" / "b" / "2.png"
@@ -119,9 +121,13 @@ def test_transforms_follow_model_and_recipe():
     cfg = parse_config(["--config", "kat_t"])
     model = timm.create_model("kat_tiny", img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2)
     data_config = resolve_data_config(model, cfg)
-    assert data_config == {"input_size": [3, 32, 32], "interpolation": "bicubic",
-                           "mean": list(timm.data.IMAGENET_DEFAULT_MEAN), "std": list(timm.data.IMAGENET_DEFAULT_STD),
-                           "crop_pct": 0.875}
+    assert data_config == {
+        "input_size": [3, 32, 32],
+        "interpolation": "bicubic",
+        "mean": list(timm.data.IMAGENET_DEFAULT_MEAN),
+        "std": list(timm.data.IMAGENET_DEFAULT_STD),
+        "crop_pct": 0.875,
+    }
     train, evaluation = build_transforms(cfg, data_config)
     text = str(train)
     assert "RandomResizedCrop" in text and "rand-m9-mstd0.5" in text.replace(" ", "") or "RandAugment" in text

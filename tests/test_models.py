@@ -34,6 +34,10 @@ def test_registry_lists_canonical_names_and_aliases():
     assert set(CANONICAL + ALIASES) <= set(timm.list_models("kat_*"))
     published = {f"{name}.{tag}" for name in CANONICAL for tag in ("in1k", "vitft")}
     assert published == set(timm.list_pretrained("kat_*"))
+    cfg = timm.models.get_pretrained_cfg("kat_tiny_patch16_224.in1k")
+    assert cfg.hf_hub_filename.startswith("kat_tiny_patch16_224_1f3ad3b2") and cfg.url.endswith(
+        cfg.hf_hub_filename
+    )
 
 
 @pytest.mark.parametrize("alias,canonical", zip(ALIASES, CANONICAL))
@@ -191,7 +195,7 @@ def test_vp_init_preserves_kan_branch_variance_through_all_blocks():
     print("  vp:      ", " ".join(f"{r:.3f}" for r in vp))
     print("  official:", " ".join(f"{r:.4f}" for r in official))
     assert len(vp) == len(official) == 12
-    # Measured 0.92-1.08 over seeds; the theory says 1 (sampling noise of a finite random layer).
+    # Measured 0.90-1.08 over seeds; the theory says 1 (sampling noise of finite random layers).
     assert all(0.8 < r < 1.25 for r in vp)
     assert abs(sum(vp) / 12 - 1) < 0.1
     # 'official' (trunc_normal 0.02) starts the branch ~170x too small: 192 * 0.02^2 * E[F^2] * 768 * 0.02^2.
@@ -206,7 +210,7 @@ def test_published_layout_pth_loads_strictly_and_reproduces_outputs(tmp_path, wr
     if wrapper == "deit":  # DeiT-style: {'model': ...} from a DistributedDataParallel module
         checkpoint = {"model": {f"module.{k}": v for k, v in weights.items()}, "epoch": 299}
     elif wrapper == "timm_train":  # timm train.py: 'state_dict' (+ EMA) next to the argparse Namespace
-        ema = {k: torch.zeros_like(v) for k, v in weights.items()}
+        ema = {k: torch.zeros_like(v) for k, v in weights.items()}  # must not be picked: non-EMA first
         checkpoint = {
             "state_dict": weights,
             "state_dict_ema": ema,
@@ -247,9 +251,8 @@ def test_pos_embed_is_resampled_for_another_img_size(tmp_path):
     source = tiny()
     with torch.no_grad():
         source.pos_embed[:, :1] = 100.0  # class token entry
-        source.pos_embed[:, 1:] = torch.linspace(
-            -1, 1, source.embed_dim
-        )  # same vector at every grid position
+        # The same vector at every grid position.
+        source.pos_embed[:, 1:] = torch.linspace(-1, 1, source.embed_dim)
     path = tmp_path / "ckpt.pth"
     torch.save({"model": source.state_dict()}, path)
     loaded = tiny(img_size=64, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))

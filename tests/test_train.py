@@ -46,15 +46,36 @@ def digits(tmp_path_factory) -> Path:
 
 
 def env(tmp_path: Path) -> dict:
-    return {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": str(REPO),
-            "OMP_NUM_THREADS": "1", "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
-            "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config")}
+    return {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
+        "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
+    }
 
 
 def test_demo_config_with_python_train_py(tmp_path):
     """The README command shape, shortened: checkpoints, metrics.jsonl, W&B offline run, plots, summary line."""
-    argv = [sys.executable, "train.py", "--config", "demo.yaml", "--output_dir", str(tmp_path), *TINY,
-            "--max_steps", "4", "--checkpoint_interval", "2", "--keep_checkpoints", "1", "--wandb_mode", "offline"]
+    argv = [
+        sys.executable,
+        "train.py",
+        "--config",
+        "demo.yaml",
+        "--output_dir",
+        str(tmp_path),
+        *TINY,
+        "--max_steps",
+        "4",
+        "--checkpoint_interval",
+        "2",
+        "--keep_checkpoints",
+        "1",
+        "--wandb_mode",
+        "offline",
+    ]
     result = subprocess.run(argv, cwd=REPO, env=env(tmp_path), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Training finished: val top-1" in result.stdout and "chance 10.0%" in result.stdout
@@ -64,16 +85,29 @@ def test_demo_config_with_python_train_py(tmp_path):
     steps = records(run_dir, "step")
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     for r in steps:
-        assert {"step", "epoch", "loss", "lr", "grad_norm", "images_per_sec", "step_time", "data_time"} <= set(r)
+        assert {
+            "step",
+            "epoch",
+            "loss",
+            "lr",
+            "grad_norm",
+            "images_per_sec",
+            "step_time",
+            "data_time",
+        } <= set(r)
         assert r["images_per_sec"] > 0 and r["step_time"] >= r["data_time"] >= 0
     (final,) = records(run_dir, "eval")
-    assert final["step"] == 4 and final["val"]["num_images"] == 1000 and final["val_ema"]["num_images"] == 1000
+    assert (
+        final["step"] == 4 and final["val"]["num_images"] == 1000 and final["val_ema"]["num_images"] == 1000
+    )
     assert records(run_dir, "run")[0]["rational_backend"] == "torch"
 
     assert parse_config(["--config", str(run_dir / "config.yaml")]).max_steps == 4
     # keep_checkpoints 1: step-2 was pruned after step-4 was complete; latest and best name step-4.
     assert sorted(p.name for p in run_dir.glob("step-*")) == ["step-00000004"]
-    assert (run_dir / "latest").read_text().strip() == (run_dir / "best").read_text().strip() == "step-00000004"
+    assert (
+        (run_dir / "latest").read_text().strip() == (run_dir / "best").read_text().strip() == "step-00000004"
+    )
     checkpoint = resolve_checkpoint(run_dir)
     state_dict, meta = read_checkpoint(run_dir)
     ema_state, _ = read_checkpoint(checkpoint, ema=True)
@@ -95,9 +129,26 @@ def test_resumed_run_continues_exactly(tmp_path, digits):
     """Stop at step 3 (mid-epoch) and rerun the same command: identical to one uninterrupted run."""
 
     def run(name, max_steps):
-        argv = ["--config", "demo", "--data_dir", str(digits), "--output_dir", str(tmp_path), "--run_name", name,
-                "--batch_size", "16", "--epochs", "2", "--checkpoint_interval", "3", *TINY, *QUIET,
-                "--max_steps", str(max_steps)]
+        argv = [
+            "--config",
+            "demo",
+            "--data_dir",
+            str(digits),
+            "--output_dir",
+            str(tmp_path),
+            "--run_name",
+            name,
+            "--batch_size",
+            "16",
+            "--epochs",
+            "2",
+            "--checkpoint_interval",
+            "3",
+            *TINY,
+            *QUIET,
+            "--max_steps",
+            str(max_steps),
+        ]
         return train(parse_config(argv))
 
     straight = run("straight", 6)
@@ -115,32 +166,129 @@ def test_resumed_run_continues_exactly(tmp_path, digits):
     assert straight["val"] == {**resumed["val"], "images_per_sec": straight["val"]["images_per_sec"]}
 
     # Nothing left to do: the rerun says so and changes nothing.
-    assert train(parse_config(["--config", "demo", "--data_dir", str(digits), "--output_dir", str(tmp_path),
-                               "--run_name", "resumed", "--batch_size", "16", "--epochs", "2", *TINY, *QUIET,
-                               "--max_steps", "6"]))["val"]["top1"] == resumed["val"]["top1"]
+    assert (
+        train(
+            parse_config(
+                [
+                    "--config",
+                    "demo",
+                    "--data_dir",
+                    str(digits),
+                    "--output_dir",
+                    str(tmp_path),
+                    "--run_name",
+                    "resumed",
+                    "--batch_size",
+                    "16",
+                    "--epochs",
+                    "2",
+                    *TINY,
+                    *QUIET,
+                    "--max_steps",
+                    "6",
+                ]
+            )
+        )["val"]["top1"]
+        == resumed["val"]["top1"]
+    )
     # --resume none never overwrites an existing run.
-    assert train_script.main(["--config", "demo", "--output_dir", str(tmp_path), "--run_name", "resumed",
-                              "--resume", "none", *TINY, *QUIET]) == 2
+    assert (
+        train_script.main(
+            [
+                "--config",
+                "demo",
+                "--output_dir",
+                str(tmp_path),
+                "--run_name",
+                "resumed",
+                "--resume",
+                "none",
+                *TINY,
+                *QUIET,
+            ]
+        )
+        == 2
+    )
 
 
 def test_loss_falls_on_a_fixed_tiny_set(tmp_path, digits):
-    argv = ["--config", "demo", "--data_dir", str(digits), "--output_dir", str(tmp_path), *TINY, *QUIET,
-            "--batch_size", "32", "--epochs", "6", "--scale", "[1, 1]", "--ratio", "[1, 1]", "--smoothing", "0",
-            "--lr", "3e-3", "--warmup_epochs", "0", "--checkpoint_interval", "null"]
+    """20 digits, no augmentation, full batch: a working loop memorises them."""
+    tiny = tmp_path / "tiny"
+    for split, per_class in (("train", 2), ("val", 1)):
+        for c in range(10):
+            (tiny / split / str(c)).mkdir(parents=True)
+            for f in sorted((digits / "train" / str(c)).glob("*.png"))[:per_class]:
+                shutil.copy(f, tiny / split / str(c) / f.name)
+    argv = [
+        "--config",
+        "demo",
+        "--data_dir",
+        str(tiny),
+        "--output_dir",
+        str(tmp_path),
+        *TINY,
+        *QUIET,
+        "--batch_size",
+        "20",
+        "--epochs",
+        "40",
+        "--scale",
+        "[1, 1]",
+        "--ratio",
+        "[1, 1]",
+        "--smoothing",
+        "0",
+        "--lr",
+        "3e-3",
+        "--warmup_epochs",
+        "0",
+        "--model_ema",
+        "false",
+        "--checkpoint_interval",
+        "null",
+    ]
     result = train(parse_config(argv))
     losses = [r["loss"] for r in records(tmp_path / "demo", "step")]
-    assert len(losses) == 30
-    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert first > 2.0 and last < 0.75 * first, losses
-    assert result["val"]["top1"] > 30  # 10 classes: chance is 10%
+    assert len(losses) == 40
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert first > 2.0 and last < 0.5 * first, losses
+    assert result["val"]["top1"] > 10  # val digits are the first training digit of each class
 
 
 def test_accelerate_launch_two_cpu_processes(tmp_path, digits):
     """DDP over gloo: global images/s, an exact evaluation over 101 images, per-process RNG in checkpoints."""
-    argv = ["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-            "no", "--dynamo_backend", "no", "--main_process_port", "29517", "train.py", "--config", "demo",
-            "--data_dir", str(digits), "--output_dir", str(tmp_path), "--batch_size", "16", "--max_steps", "3",
-            *TINY, *QUIET]
+    # accelerate's own --cpu flag means one process (or mpirun); its torchrun launcher (--multi_gpu) plus our
+    # `--cpu true` gives 2 CPU processes over gloo.
+    argv = [
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29517",
+        "train.py",
+        "--config",
+        "demo",
+        "--cpu",
+        "true",
+        "--data_dir",
+        str(digits),
+        "--output_dir",
+        str(tmp_path),
+        "--batch_size",
+        "16",
+        "--max_steps",
+        "3",
+        *TINY,
+        *QUIET,
+    ]
     result = subprocess.run(argv, cwd=REPO, env=env(tmp_path), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "demo"

@@ -17,17 +17,32 @@ from kat.training.checkpoint import (
 
 def save(run_dir, step, *, best=False, keep=2, ema=True):
     weights = {"w": torch.full((2, 3), float(step)), "n": torch.tensor([step])}
-    state = {"step": step, "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999)}]},
-             "rng": [{"python": (3, tuple(range(625)), None), "torch": torch.get_rng_state()}]}
-    return save_checkpoint(run_dir, step, model_state=weights, ema_state=weights if ema else None,
-                           training_state=state, meta={"model": "m", "step": step}, keep=keep, is_best=best)
+    state = {
+        "step": step,
+        "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999)}]},
+        "rng": [{"python": (3, tuple(range(625)), None), "torch": torch.get_rng_state()}],
+    }
+    return save_checkpoint(
+        run_dir,
+        step,
+        model_state=weights,
+        ema_state=weights if ema else None,
+        training_state=state,
+        meta={"model": "m", "step": step},
+        keep=keep,
+        is_best=best,
+    )
 
 
 def test_layout_pointers_and_reader(tmp_path):
     path = save(tmp_path, 5, best=True)
     assert path == tmp_path / "step-00000005"
-    assert sorted(p.name for p in path.iterdir()) == ["ema.safetensors", "meta.json", "model.safetensors",
-                                                       "training_state.pt"]
+    assert sorted(p.name for p in path.iterdir()) == [
+        "ema.safetensors",
+        "meta.json",
+        "model.safetensors",
+        "training_state.pt",
+    ]
     assert (tmp_path / "latest").read_text() == "step-00000005\n" == (tmp_path / "best").read_text()
     state_dict, meta = read_checkpoint(tmp_path)
     assert meta == {"format": "kat-checkpoint/1", "model": "m", "step": 5, "has_ema": True}

@@ -30,7 +30,9 @@ def resolve_data_config(model: nn.Module, cfg) -> dict:
 
 def build_transforms(cfg, data_config: dict):
     """(train, eval) transforms: RandomResizedCrop + flip + RandAugment + random erasing; resize + center crop."""
-    common = dict(input_size=tuple(data_config["input_size"]), mean=data_config["mean"], std=data_config["std"])
+    common = dict(
+        input_size=tuple(data_config["input_size"]), mean=data_config["mean"], std=data_config["std"]
+    )
     train = timm.data.create_transform(
         is_training=True,
         scale=tuple(cfg.scale),
@@ -45,7 +47,10 @@ def build_transforms(cfg, data_config: dict):
         **common,
     )
     evaluation = timm.data.create_transform(
-        is_training=False, interpolation=data_config["interpolation"], crop_pct=data_config["crop_pct"], **common
+        is_training=False,
+        interpolation=data_config["interpolation"],
+        crop_pct=data_config["crop_pct"],
+        **common,
     )
     return train, evaluation
 

@@ -57,7 +57,7 @@ def _load_coefficients(num_ptr, den_ptr, group, num_row_stride, den_row_stride):
 
 
 @triton.jit
-def _forward_kernel(
+def _rational_forward_kernel(
     x_ptr, y_ptr, num_ptr, den_ptr, num_row_stride, den_row_stride,
     n_rows, n_cols,
     group_size: tl.constexpr, chunks_per_group: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -77,7 +77,7 @@ def _forward_kernel(
 
 
 @triton.jit
-def _backward_kernel(
+def _rational_backward_kernel(
     grad_ptr, x_ptr, dx_ptr, partial_ptr, num_ptr, den_ptr, num_row_stride, den_row_stride,
     n_rows, n_cols, n_row_tiles,
     group_size: tl.constexpr, chunks_per_group: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -151,7 +151,7 @@ def _backward_kernel(
 
 
 @triton.jit
-def _reduce_kernel(
+def _rational_reduce_kernel(
     partial_ptr, den_ptr, d_num_ptr, d_den_ptr, den_row_stride, n_row_programs,
     groups: tl.constexpr, chunks_per_group: tl.constexpr, NUM_SHARED: tl.constexpr, DEN_SHARED: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -188,7 +188,7 @@ def _reduce_kernel(
         tl.store(d_den_ptr + k - 6, value, mask=is_den)
 
 
-INTERPRETED = isinstance(_forward_kernel, InterpretedFunction)
+INTERPRETED = isinstance(_rational_forward_kernel, InterpretedFunction)
 
 
 def block_channels(group_size: int) -> int:
@@ -279,7 +279,7 @@ def rational_forward(x: Tensor, numerator: Tensor, denominator: Tensor, config: 
         args, constants, n_blocks = _launch_args(x2d, numerator, denominator, cfg["BLOCK_C"])
         grid = (triton.cdiv(x2d.shape[0], cfg["BLOCK_N"]), n_blocks)  # rows on axis 0: no 65535 limit
         with _device_guard(x.device):
-            _forward_kernel[grid](
+            _rational_forward_kernel[grid](
                 x2d, y, *args, **constants, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"]
             )
     return y.view(x.shape)
@@ -305,11 +305,11 @@ def rational_backward(
         partials.zero_()
     with _device_guard(x.device):
         if x.numel() > 0:
-            _backward_kernel[(n_blocks, n_row_programs)](
+            _rational_backward_kernel[(n_blocks, n_row_programs)](
                 grad2d, x2d, dx, partials, *args, n_row_tiles,
                 **constants, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
             )  # fmt: skip
-        _reduce_kernel[(10,)](
+        _rational_reduce_kernel[(10,)](
             partials, args[1], d_num, d_den, args[3], n_row_programs,
             groups=groups, chunks_per_group=constants["chunks_per_group"],
             NUM_SHARED=numerator.shape[0] == 1, DEN_SHARED=denominator.shape[0] == 1, BLOCK=128, num_warps=1,

@@ -1,9 +1,10 @@
 """`group_rational`: the GR-KAN activation as a torch.library custom op with backend selection.
 
 Two custom ops, `kat::group_rational_fwd` and `kat::group_rational_bwd`, with fake (meta) implementations and
-an autograd registration: torch.compile(fullgraph=True) traces them as single nodes (no graph breaks) and
-autocast leaves them alone, so a bf16 activation stays bf16 end to end (no cast kernels, and only x in its own
-dtype is saved for backward). The backend is a string argument of the op, resolved in Python beforehand:
+an autograd registration: torch.compile(fullgraph=True) traces them as single nodes (no graph breaks). Eager
+calls run the same implementations through an autograd.Function, which costs far less host time than the
+custom-op dispatch (see `_EagerGroupRational`). Either way autocast leaves the op alone, so a bf16 activation
+stays bf16 end to end (no cast kernels, and only x in its own dtype is saved for backward). The backend is a string argument of the op, resolved in Python beforehand:
   'triton': kat.rational.kernels (CUDA tensors; CPU tensors run in the Triton interpreter, TRITON_INTERPRET=1)
   'torch':  kat.rational.reference, the same function and gradients in plain PyTorch.
 """
@@ -84,11 +85,23 @@ def _check_inputs(x: Tensor, numerator: Tensor, denominator: Tensor) -> None:
         )
 
 
-@torch.library.custom_op("kat::group_rational_fwd", mutates_args=())
-def _group_rational_fwd(x: Tensor, numerator: Tensor, denominator: Tensor, backend: str) -> Tensor:
+def _forward_impl(x: Tensor, numerator: Tensor, denominator: Tensor, backend: str) -> Tensor:
     if backend == "triton":
         return _kernels().rational_forward(x, numerator, denominator)
     return reference.rational_forward(x, numerator, denominator)
+
+
+def _backward_impl(
+    grad_output: Tensor, x: Tensor, numerator: Tensor, denominator: Tensor, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    if backend == "triton":
+        return _kernels().rational_backward(grad_output, x, numerator, denominator)
+    return reference.rational_backward(grad_output, x, numerator, denominator)
+
+
+@torch.library.custom_op("kat::group_rational_fwd", mutates_args=())
+def _group_rational_fwd(x: Tensor, numerator: Tensor, denominator: Tensor, backend: str) -> Tensor:
+    return _forward_impl(x, numerator, denominator, backend)
 
 
 @_group_rational_fwd.register_fake
@@ -100,9 +113,7 @@ def _(x, numerator, denominator, backend):
 def _group_rational_bwd(
     grad_output: Tensor, x: Tensor, numerator: Tensor, denominator: Tensor, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if backend == "triton":
-        return _kernels().rational_backward(grad_output, x, numerator, denominator)
-    return reference.rational_backward(grad_output, x, numerator, denominator)
+    return _backward_impl(grad_output, x, numerator, denominator, backend)
 
 
 @_group_rational_bwd.register_fake
@@ -129,12 +140,39 @@ def _backward(ctx, grad_output):
 _group_rational_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerGroupRational(torch.autograd.Function):
+    """The same forward and backward as the custom ops, without the custom-op dispatch.
+
+    Measured on an H200 (torch 2.11, bench/bench_host_overhead.py): the custom-op wrapper costs about 0.36 ms
+    of host time per call, so a KAT-S training step (24 activations, forward and backward) spent ~17 ms of
+    CPU in it and was launch-bound. Eager calls therefore take this path; the custom ops are what
+    torch.compile traces (see `group_rational`).
+    """
+
+    @staticmethod
+    def forward(ctx, x, numerator, denominator, backend):
+        ctx.save_for_backward(x, numerator, denominator)  # x in its own dtype: no fp32 copy
+        ctx.backend = backend
+        return _forward_impl(x, numerator, denominator, backend)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, numerator, denominator = ctx.saved_tensors
+        dx, d_num, d_den = _backward_impl(grad_output, x, numerator, denominator, ctx.backend)
+        return dx, d_num, d_den, None
+
+
 def group_rational(x: Tensor, numerator: Tensor, denominator: Tensor, backend: str | None = None) -> Tensor:
     """F(x) = P(x)/Q(x) per channel group; x [..., C], numerator (Gn, 6), denominator (Gd, 4), Gn, Gd in {1, G}.
 
     Returns x's shape and dtype; differentiable in all three inputs. Coefficients may have another float dtype
     than x (e.g. float32 coefficients with bfloat16 x); the math runs in float32 (float64 if any input is).
     backend: None/'auto' (see `active_backend`), 'triton' or 'torch'.
+    Under torch.compile this is the custom op `kat::group_rational_fwd` (one opaque node, no graph break);
+    in eager mode the same kernels run through a lighter autograd.Function.
     """
     _check_inputs(x, numerator, denominator)
-    return _group_rational_fwd(x, numerator, denominator, active_backend(x, backend))
+    backend = active_backend(x, backend)
+    if torch.compiler.is_compiling():
+        return _group_rational_fwd(x, numerator, denominator, backend)
+    return _EagerGroupRational.apply(x, numerator, denominator, backend)

@@ -22,7 +22,12 @@ from safetensors.torch import load_file, save_file
 logger = logging.getLogger(__name__)
 
 FORMAT = "kat-checkpoint/1"
-MODEL_FILE, EMA_FILE, META_FILE, STATE_FILE = "model.safetensors", "ema.safetensors", "meta.json", "training_state.pt"
+MODEL_FILE, EMA_FILE, META_FILE, STATE_FILE = (
+    "model.safetensors",
+    "ema.safetensors",
+    "meta.json",
+    "training_state.pt",
+)
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _TMP_PREFIX = ".tmp-step-"
 
@@ -69,12 +74,16 @@ def list_checkpoints(run_dir: Path, warn: bool = True) -> list[Path]:
     for path in run_dir.iterdir():
         if path.name.startswith(_TMP_PREFIX):
             if warn:
-                logger.warning("ignoring %s: an interrupted checkpoint write (removed by the next save)", path)
+                logger.warning(
+                    "ignoring %s: an interrupted checkpoint write (removed by the next save)", path
+                )
         elif _STEP_DIR.match(path.name) and path.is_dir():
             if is_complete(path):
                 found.append(path)
             elif warn:
-                logger.warning("ignoring incomplete checkpoint %s (files missing or meta.json unreadable)", path)
+                logger.warning(
+                    "ignoring incomplete checkpoint %s (files missing or meta.json unreadable)", path
+                )
     return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
 
@@ -85,7 +94,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise FileNotFoundError(f"checkpoint path '{path}' does not exist")
     if (path / META_FILE).is_file():
         if not is_complete(path):
-            raise ValueError(f"checkpoint '{path}' is incomplete (a file is missing or meta.json is unreadable)")
+            raise ValueError(
+                f"checkpoint '{path}' is incomplete (a file is missing or meta.json is unreadable)"
+            )
         return path
     checkpoints = list_checkpoints(path) if path.is_dir() else []
     if not checkpoints:
@@ -138,7 +149,9 @@ def save_checkpoint(
     if ema_state is not None:
         save_file(_cpu_fp32(ema_state), tmp / EMA_FILE, metadata={"format": "pt"})
     torch.save(training_state, tmp / STATE_FILE)
-    (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, **meta, "has_ema": ema_state is not None}, indent=2))
+    (tmp / META_FILE).write_text(
+        json.dumps({"format": FORMAT, **meta, "has_ema": ema_state is not None}, indent=2)
+    )
     for file in tmp.iterdir():
         _fsync_path(file)
     _fsync_path(tmp)

@@ -77,12 +77,15 @@ class TrainConfig:
     opt: str = _doc("timm optimizer name (create_optimizer_v2)", "adamw")
     lr: float = _doc("peak learning rate at a global batch of lr_base_batch_size", 1e-3)
     lr_base_batch_size: int | None = _doc(
-        "global batch at which `lr` applies; lr scales linearly with global batch / this; null = no scaling", 1024
+        "global batch at which `lr` applies; lr scales linearly with global batch / this; null = no scaling",
+        1024,
     )
     weight_decay: float = _doc("decoupled weight decay (not applied to biases, norms, embeddings)", 0.05)
     opt_betas: list[float] = _doc_factory("Adam betas", lambda: [0.9, 0.999])
     opt_eps: float = _doc("Adam epsilon", 1e-8)
-    clip_grad: float | None = _doc("clip the global grad norm to this; null = no clipping (norm still logged)", None)
+    clip_grad: float | None = _doc(
+        "clip the global grad norm to this; null = no clipping (norm still logged)", None
+    )
     warmup_epochs: float = _doc("linear warmup length in epochs (stepped per update)", 5)
     warmup_lr: float = _doc("learning rate at the start of warmup", 1e-5)
     min_lr: float = _doc("learning rate at the end of the cosine schedule", 0.0)
@@ -98,10 +101,18 @@ class TrainConfig:
 
     # checkpoints and logging
     output_dir: str = _doc("runs are written to output_dir/run_name", "checkpoints")
-    run_name: str | None = _doc("run directory name; null = the config file's name (else the model name)", None)
-    resume: str = _doc("'auto' = newest complete checkpoint of this run if any, 'none' = fresh, or a PATH", "auto")
-    checkpoint_interval: int | None = _doc("also checkpoint every N optimizer steps; null = epoch ends only", 1000)
-    keep_checkpoints: int = _doc("how many of the newest checkpoints to keep (the best one is always kept)", 3)
+    run_name: str | None = _doc(
+        "run directory name; null = the config file's name (else the model name)", None
+    )
+    resume: str = _doc(
+        "'auto' = newest complete checkpoint of this run if any, 'none' = fresh, or a PATH", "auto"
+    )
+    checkpoint_interval: int | None = _doc(
+        "also checkpoint every N optimizer steps; null = epoch ends only", 1000
+    )
+    keep_checkpoints: int = _doc(
+        "how many of the newest checkpoints to keep (the best one is always kept)", 3
+    )
     log_interval: int = _doc("log every N optimizer steps", 1)
     plot_rationals: bool = _doc("plot every layer's learned rational functions at each evaluation", True)
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = _doc(
@@ -173,7 +184,9 @@ def _coerce(key: str, value, annotation=None):
             return value
     elif isinstance(value, annotation):
         return value
-    raise ConfigError(f"config key '{key}' expects {annotation.__name__}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(
+        f"config key '{key}' expects {annotation.__name__}, got {value!r} ({type(value).__name__})"
+    )
 
 
 def _merge(config: dict, updates: dict, source: str) -> None:
@@ -190,11 +203,18 @@ def _merge(config: dict, updates: dict, source: str) -> None:
 def find_config_file(name: str) -> Path:
     """`kat_s`, `kat_s.yaml`, `configs/kat_s.yaml` or any path: the file users mean."""
     path = Path(name)
-    for candidate in (path, path.with_suffix(".yaml"), CONFIGS_DIR / path.name, CONFIGS_DIR / f"{path.name}.yaml"):
+    for candidate in (
+        path,
+        path.with_suffix(".yaml"),
+        CONFIGS_DIR / path.name,
+        CONFIGS_DIR / f"{path.name}.yaml",
+    ):
         if candidate.is_file():
             return candidate
     available = ", ".join(sorted(p.name for p in CONFIGS_DIR.glob("*.yaml"))) or "none"
-    raise ConfigError(f"config file '{name}' not found (looked in . and {CONFIGS_DIR}); available: {available}")
+    raise ConfigError(
+        f"config file '{name}' not found (looked in . and {CONFIGS_DIR}); available: {available}"
+    )
 
 
 def load_yaml(path: Path) -> dict:
@@ -234,8 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         # nargs='?' lets booleans be bare switches: `--compile` means `--compile true`.
-        parser.add_argument(*flags, dest=name, nargs="?", const="true", default=argparse.SUPPRESS,
-                            help=f"{f.metadata['help']} (default: {default!r})")
+        parser.add_argument(
+            *flags,
+            dest=name,
+            nargs="?",
+            const="true",
+            default=argparse.SUPPRESS,
+            help=f"{f.metadata['help']} (default: {default!r})",
+        )
     return parser
 
 

@@ -2,12 +2,13 @@
 
 One optimizer step = `grad_accum_steps` micro-batches of `batch_size` images on each process. The learning
 rate follows timm's cosine schedule stepped per update; the EMA (timm ModelEmaV3) is updated after every
-step. Every epoch end (and at the end of the run) the model and its EMA are evaluated on val/ and a checkpoint
-is written; checkpoints are also written every `checkpoint_interval` steps. Everything needed to continue
-exactly (weights, EMA, optimizer, scheduler, loss scaler, RNG, position in the epoch's data order) is in the
-checkpoint, so rerunning the same command resumes.
+step. At every epoch end (and at the end of the run) the model and its EMA are evaluated on val/ and a
+checkpoint is written; checkpoints are also written every `checkpoint_interval` steps. Everything needed to
+continue exactly (weights, EMA, optimizer, scheduler, loss scaler, RNG, position in the epoch's data order)
+is in the checkpoint, so rerunning the same command resumes.
 """
 
+import difflib
 import logging
 import math
 import random
@@ -56,20 +57,29 @@ STATE_FORMAT = "kat-training-state/1"
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
 
 
+def train(cfg: TrainConfig) -> dict:
+    """Train as configured; returns the last evaluation: {'val': {top1, top5, loss, ...}, 'val_ema': {...}}."""
+    return Trainer(cfg).fit()
+
+
 def create_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
     if not timm.is_model(cfg.model):
-        import difflib
-
         close = difflib.get_close_matches(cfg.model, timm.list_models(), n=3)
-        raise ConfigError(f"config key 'model': unknown timm model '{cfg.model}'; closest: {', '.join(close)}")
+        raise ConfigError(
+            f"config key 'model': unknown timm model '{cfg.model}'; closest: {', '.join(close)}"
+        )
     try:
-        return timm.create_model(cfg.model, num_classes=num_classes, drop_path_rate=cfg.drop_path, **cfg.model_kwargs)
+        return timm.create_model(
+            cfg.model, num_classes=num_classes, drop_path_rate=cfg.drop_path, **cfg.model_kwargs
+        )
     except TypeError as error:
-        raise ConfigError(f"config key 'model_kwargs' {cfg.model_kwargs} not accepted by {cfg.model}: {error}") from error
+        raise ConfigError(
+            f"config key 'model_kwargs' {cfg.model_kwargs} is not accepted by {cfg.model}: {error}"
+        )
 
 
-def _rng_state() -> dict:
-    """This process' RNG state in plain tensors/tuples (training_state.pt must load with weights_only=True)."""
+def rng_state() -> dict:
+    """This process' RNG state as tensors/tuples (training_state.pt must load with weights_only=True)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "python": random.getstate(),
@@ -79,7 +89,7 @@ def _rng_state() -> dict:
     }
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
@@ -88,7 +98,7 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _choose_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
+def choose_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
     """The checkpoint to continue from, or None for a fresh run (see the `resume` config key)."""
     if cfg.resume == "auto":
         checkpoints = list_checkpoints(run_dir)
@@ -107,286 +117,408 @@ def _choose_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
         raise ConfigError(f"config key 'resume': {error}") from error
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train as configured; returns the final evaluation ({'val': {...}, 'val_ema': {...}} or {} if nothing ran)."""
-    launch_time = time.perf_counter()
-    on_cpu = cfg.cpu or not torch.cuda.is_available()
-    precision = cfg.mixed_precision
-    if on_cpu and precision == "fp16":
-        logger.warning("fp16 autocast needs a GPU; training in full precision on CPU (bf16 works on CPU too)")
-        precision = "no"
-    accelerator = Accelerator(
-        mixed_precision=precision, cpu=cfg.cpu, dynamo_backend="inductor" if cfg.compile else "no"
-    )
-    is_main, device = accelerator.is_main_process, accelerator.device
-    num_processes, rank = accelerator.num_processes, accelerator.process_index
-    amp_dtype = _AMP_DTYPES[precision]
+class Trainer:
+    """The live training objects and counters. __init__ builds (and resumes) everything; fit() trains."""
 
-    run_dir = Path(cfg.output_dir) / cfg.run_name
-    resume_dir = _choose_resume(cfg, run_dir)
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-
-    # Data layout first: a wrong data_dir should fail before anything slow happens.
-    class_names = check_layout(cfg.data_dir)
-    num_classes = len(class_names)
-    if cfg.num_classes is not None and cfg.num_classes != num_classes:
-        raise ConfigError(f"num_classes: {cfg.num_classes}, but {cfg.data_dir}/train has {num_classes} classes")
-
-    set_seed(cfg.seed)  # same initial weights on every process
-    model = create_model(cfg, num_classes).to(device)
-    set_seed(cfg.seed, device_specific=True)  # different augmentation per process
-    data_config = resolve_data_config(model, cfg)
-    train_transform, eval_transform = build_transforms(cfg, data_config)
-    train_set, val_set = build_datasets(cfg.data_dir, train_transform, eval_transform, cfg.max_bad_images)
-
-    images_per_step = cfg.global_batch_size(num_processes)
-    steps_per_epoch = len(train_set) // images_per_step
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"train/ has {len(train_set)} images, fewer than one optimizer step ({images_per_step} = batch_size x "
-            f"grad_accum_steps x {num_processes} processes); lower batch_size"
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.launch_time = time.perf_counter()
+        self.precision = cfg.mixed_precision
+        if (cfg.cpu or not torch.cuda.is_available()) and self.precision == "fp16":
+            logger.warning("fp16 autocast needs a GPU: training in full precision (bf16 works on CPU too)")
+            self.precision = "no"
+        self.amp_dtype = _AMP_DTYPES[self.precision]
+        self.accelerator = Accelerator(
+            mixed_precision=self.precision, cpu=cfg.cpu, dynamo_backend="inductor" if cfg.compile else "no"
         )
-    total_steps = cfg.epochs * steps_per_epoch
-    stop_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+        accelerator = self.accelerator
+        self.device, self.is_main = accelerator.device, accelerator.is_main_process
+        self.run_dir = Path(cfg.output_dir) / cfg.run_name
+        resume_dir = choose_resume(cfg, self.run_dir)
 
-    sampler = ResumableSampler(len(train_set), num_replicas=num_processes, rank=rank, seed=cfg.seed)
-    loader_seed = torch.Generator()  # worker seeds come from here, not from the global RNG (exact resume)
-    pin = device.type == "cuda"
-    train_loader = DataLoader(
-        train_set, cfg.batch_size, sampler=sampler, num_workers=cfg.workers, pin_memory=pin, drop_last=True,
-        generator=loader_seed,
-    )
-    val_loader = DataLoader(
-        val_set, cfg.eval_batch_size or 2 * cfg.batch_size, shuffle=False, num_workers=cfg.workers, pin_memory=pin
-    )
-
-    lr = cfg.scaled_lr(num_processes)
-    adam_kwargs = dict(betas=tuple(cfg.opt_betas), eps=cfg.opt_eps) if "adam" in cfg.opt.lower() else {}
-    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, **adam_kwargs)
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched="cosine", num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
-        warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch,
-    )
-    ema = ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup) if cfg.model_ema else None
-    mixup = build_mixup(cfg, num_classes)
-    train_loss_fn = build_train_loss(cfg, mixup)
-
-    raw_model = model  # the plain module: its state_dict has timm keys whatever wraps it (DDP, compile)
-    model, optimizer, val_loader = accelerator.prepare(model, optimizer, val_loader)
-
-    step, epoch, samples_in_epoch, best_top1, last_eval = 0, 0, 0, -math.inf, {}
-    if resume_dir is not None:
-        step, epoch, samples_in_epoch, best_top1, last_eval, rng = _restore(
-            resume_dir, cfg, raw_model, ema, optimizer, scheduler, accelerator, num_classes, images_per_step
-        )
-    scheduler.step_update(step)
-
-    tracker = RunTracker(run_dir, cfg, is_main=is_main)
-    backend = active_backend(torch.zeros(1, 8, device=device, dtype=amp_dtype or torch.float32))
-    num_params = sum(p.numel() for p in raw_model.parameters())
-    logger.info(
-        "%s (%.2fM params, GR-KAN backend: %s) on %d x %s, %s precision | %d train / %d val images, %d classes | "
-        "global batch %d, lr %.3g, %d steps/epoch, %d steps in all | run dir %s",
-        cfg.model, num_params / 1e6, backend, num_processes, device.type, precision, len(train_set),
-        len(val_set), num_classes, images_per_step, lr, steps_per_epoch, total_steps, run_dir,
-    )
-    tracker.log_run({
-        "step": step, "resumed_from": str(resume_dir) if resume_dir else None, "rational_backend": backend,
-        "num_processes": num_processes, "device": device.type, "mixed_precision": precision,
-        "global_batch_size": images_per_step, "lr": lr, "params": num_params,
-    })
-    tracker.log_summary({"rational_backend": backend, "params": num_params})
-
-    if step >= stop_step:
-        accelerator.print(f"Nothing to train: {resume_dir} is at step {step} of {stop_step}. "
-                          "To train again, use a new --run_name (or --max_steps / --epochs to go further).")
-        tracker.finish()
-        return last_eval
-    if resume_dir is not None:
-        _set_rng_state(rng)  # last, after everything above that draws random numbers
-
-    meta_base = {
-        "model": cfg.model, "model_kwargs": {**cfg.model_kwargs, "drop_path_rate": cfg.drop_path},
-        "num_classes": num_classes, "class_names": class_names, "data_config": data_config,
-        "config": cfg.to_dict(),
-    }
-
-    def run_evaluation(epoch_time: float, train_loss: float) -> dict:
-        results = {"val": evaluate(model, val_loader, accelerator, amp_dtype=amp_dtype)}
-        if ema is not None:
-            results["val_ema"] = evaluate(ema.module, val_loader, accelerator, amp_dtype=amp_dtype)
-        if val_set.num_bad_images:
-            logger.warning("val metrics count %d substitutes for unreadable images", val_set.num_bad_images)
-        images = {}
-        if is_main and cfg.plot_rationals:
-            png = plot_rationals(raw_model, run_dir / "plots" / f"rationals-{checkpoint_name(step)}.png",
-                                 title=f"(step {step})")
-            images = {"rationals": png} if png else {}
-        tracker.log_eval({"step": step, "epoch": epoch, "epoch_time": epoch_time, "train_loss": train_loss,
-                          **results}, images)
-        ema_text = f", EMA {results['val_ema']['top1']:.2f}%" if ema is not None else ""
-        progress.write(
-            f"epoch {epoch}/{cfg.epochs} step {step}: train loss {train_loss:.4f} | val top-1 "
-            f"{results['val']['top1']:.2f}% top-5 {results['val']['top5']:.2f}% loss {results['val']['loss']:.4f}"
-            f"{ema_text} | {epoch_time:.0f} s"
-        )
-        return results
-
-    def save(evaluated: bool) -> None:
-        nonlocal best_top1
-        is_best = evaluated and last_eval["val"]["top1"] > best_top1
-        if is_best:
-            best_top1 = last_eval["val"]["top1"]
-        rng_states = gather_object([_rng_state()])  # one entry per process, all processes take part
-        if is_main:
-            training_state = {
-                "format": STATE_FORMAT, "step": step, "epoch": epoch, "samples_in_epoch": samples_in_epoch,
-                "global_batch_size": images_per_step, "best_top1": best_top1,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                "rng": rng_states,
-            }
-            save_checkpoint(
-                run_dir, step, model_state=raw_model.state_dict(),
-                ema_state=ema.module.state_dict() if ema is not None else None, training_state=training_state,
-                meta={**meta_base, "step": step, "epoch": epoch, "metrics": last_eval}, keep=cfg.keep_checkpoints,
-                is_best=is_best,
+        # The data layout first: a wrong data_dir should fail before anything slow happens.
+        self.class_names = check_layout(cfg.data_dir)
+        self.num_classes = len(self.class_names)
+        if cfg.num_classes is not None and cfg.num_classes != self.num_classes:
+            raise ConfigError(
+                f"num_classes: {cfg.num_classes}, but {cfg.data_dir}/train has {self.num_classes} classes"
             )
+        set_seed(cfg.seed)  # the same initial weights on every process
+        model = create_model(cfg, self.num_classes).to(self.device)
+        set_seed(cfg.seed, device_specific=True)  # different augmentation on every process
+        self.data_config = resolve_data_config(model, cfg)
+        self._build_data()
+
+        self.lr = cfg.scaled_lr(accelerator.num_processes)
+        adam = dict(betas=tuple(cfg.opt_betas), eps=cfg.opt_eps) if "adam" in cfg.opt.lower() else {}
+        optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay, **adam)
+        self.scheduler, _ = create_scheduler_v2(
+            optimizer,
+            sched="cosine",
+            num_epochs=cfg.epochs,
+            warmup_epochs=cfg.warmup_epochs,
+            warmup_lr=cfg.warmup_lr,
+            min_lr=cfg.min_lr,
+            step_on_epochs=False,  # per optimizer update, as DeiT's recipe does
+            updates_per_epoch=self.steps_per_epoch,
+        )
+        self.ema = None
+        if cfg.model_ema:
+            self.ema = ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup)
+        self.mixup = build_mixup(cfg, self.num_classes)
+        self.train_loss_fn = build_train_loss(cfg, self.mixup)
+
+        self.raw_model = model  # the plain module: timm state_dict keys whatever wraps it (DDP, compile)
+        self.model, self.optimizer, self.val_loader = accelerator.prepare(model, optimizer, self.val_loader)
+
+        self.step, self.epoch, self.samples_in_epoch = 0, 0, 0
+        self.best_top1, self.last_eval, self.resume_rng = -math.inf, {}, None
+        self.resume_dir = resume_dir
+        if resume_dir is not None:
+            self._restore(resume_dir)
+        self.scheduler.step_update(self.step)
+        if self.is_main:  # only once resuming is known to work: a failed resume leaves the run as it was
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
         accelerator.wait_for_everyone()
 
-    progress = tqdm(total=stop_step, initial=step, disable=not is_main, unit="step", dynamic_ncols=True,
-                    desc=cfg.run_name)
-    log_clock, log_step = time.perf_counter(), step
-    try:
-        while step < stop_step:
-            epoch_clock = time.perf_counter()
-            sampler.set_epoch(epoch, samples_in_epoch)
-            loader_seed.manual_seed(hash((cfg.seed, epoch, samples_in_epoch, rank)) % 2**62)
-            batches = iter(train_loader)
-            updates_this_epoch = len(train_loader) // cfg.grad_accum_steps
-            loss_total, data_time = torch.zeros((), device=device), 0.0
-            model.train()
-            for update in range(updates_this_epoch):
-                step_loss = torch.zeros((), device=device)
-                for micro in range(cfg.grad_accum_steps):
-                    wait = time.perf_counter()
-                    images, targets = next(batches)
-                    data_time += time.perf_counter() - wait
-                    images = images.to(device, non_blocking=True)
-                    targets = targets.to(device, non_blocking=True)
-                    if mixup is not None:
-                        images, targets = mixup(images, targets)
-                    last_micro = micro == cfg.grad_accum_steps - 1
-                    # Gradients are all-reduced only on the last micro-batch of a step.
-                    with nullcontext() if last_micro else accelerator.no_sync(model):
-                        loss = train_loss_fn(model(images), targets)  # prepare() wrapped forward in autocast
-                        accelerator.backward(loss / cfg.grad_accum_steps)
-                    step_loss += loss.detach() / cfg.grad_accum_steps
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad or math.inf)
-                lr_now = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                samples_in_epoch += images_per_step
-                scheduler.step_update(step)
-                if ema is not None:
-                    ema.update(raw_model, step=step)
-                loss_total += step_loss
-                train_set.check_bad_images()
+    def _build_data(self) -> None:
+        cfg, accelerator = self.cfg, self.accelerator
+        train_transform, eval_transform = build_transforms(cfg, self.data_config)
+        self.train_set, self.val_set = build_datasets(
+            cfg.data_dir, train_transform, eval_transform, cfg.max_bad_images
+        )
+        self.images_per_step = cfg.global_batch_size(accelerator.num_processes)
+        self.steps_per_epoch = len(self.train_set) // self.images_per_step
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"train/ has {len(self.train_set)} images, fewer than one optimizer step ({self.images_per_step} ="
+                f" batch_size x grad_accum_steps x {accelerator.num_processes} processes); lower batch_size"
+            )
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.stop_step = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
 
-                end_of_epoch = update == updates_this_epoch - 1
-                final = step >= stop_step
-                if step % cfg.log_interval == 0 or final:
-                    loss_value = accelerator.reduce(step_loss, "mean").item()
-                    if not math.isfinite(loss_value):
-                        raise FloatingPointError(
-                            f"loss is {loss_value} at step {step}; lower lr, set clip_grad, or use bf16"
-                        )
-                    now = time.perf_counter()
-                    steps_done = step - log_step
-                    record = {
-                        "step": step, "epoch": epoch + samples_in_epoch / (steps_per_epoch * images_per_step),
-                        "loss": loss_value, "lr": lr_now, "grad_norm": grad_norm.item(),
-                        "images_per_sec": steps_done * images_per_step / (now - log_clock),
-                        "step_time": (now - log_clock) / steps_done, "data_time": data_time / steps_done,
-                    }
-                    if device.type == "cuda":
-                        record["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                    tracker.log_step(record)
-                    progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_now:.2e}",
-                                         img_s=f"{record['images_per_sec']:.0f}", refresh=False)
-                    log_clock, log_step, data_time = now, step, 0.0
-                progress.update(1)
+        self.sampler = ResumableSampler(
+            len(self.train_set),
+            num_replicas=accelerator.num_processes,
+            rank=accelerator.process_index,
+            seed=cfg.seed,
+        )
+        # Worker seeds come from these generators, not from the global RNG, so that neither starting an epoch
+        # nor evaluating shifts the training RNG (a resumed run continues exactly).
+        self.worker_seed = torch.Generator()
+        pin = self.device.type == "cuda"
+        self.train_loader = DataLoader(
+            self.train_set,
+            cfg.batch_size,
+            sampler=self.sampler,
+            num_workers=cfg.workers,
+            pin_memory=pin,
+            drop_last=True,
+            generator=self.worker_seed,
+        )
+        self.val_loader = DataLoader(
+            self.val_set,
+            cfg.eval_batch_size or 2 * cfg.batch_size,
+            shuffle=False,
+            num_workers=cfg.workers,
+            pin_memory=pin,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
 
-                if end_of_epoch:
-                    epoch, samples_in_epoch = epoch + 1, 0
-                evaluated = end_of_epoch or final
-                if evaluated:
-                    train_loss = accelerator.reduce(loss_total, "mean").item() / (update + 1)
-                    last_eval = run_evaluation(time.perf_counter() - epoch_clock, train_loss)
-                    log_clock = time.perf_counter()  # evaluation time is not training throughput
-                if evaluated or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0):
-                    save(evaluated)
-                    log_clock = time.perf_counter()
-                if final:
-                    break
-    finally:
-        progress.close()
-        tracker.finish()
-
-    elapsed = time.perf_counter() - launch_time
-    ema_text = f"EMA {last_eval['val_ema']['top1']:.1f}%, " if "val_ema" in last_eval else ""
-    accelerator.print(
-        f"Training finished: val top-1 {last_eval['val']['top1']:.1f}% ({ema_text}chance "
-        f"{100 / num_classes:.1f}%) after {step} steps ({epoch} epochs + {samples_in_epoch} images) in "
-        f"{elapsed:.0f} s; checkpoints in {run_dir} (best: {run_dir / 'best'})"
-    )
-    return last_eval
-
-
-def _restore(resume_dir, cfg, raw_model, ema, optimizer, scheduler, accelerator, num_classes, images_per_step):
-    """Load a checkpoint into the live objects; returns the counters and this process' RNG state."""
-    state_dict, meta = read_checkpoint(resume_dir)
-    expected = {"model": cfg.model, "model_kwargs": {**cfg.model_kwargs, "drop_path_rate": cfg.drop_path},
-                "num_classes": num_classes}
-    differs = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v and k != "model_kwargs"}
-    if meta["model_kwargs"] != expected["model_kwargs"]:
+    def _restore(self, checkpoint_dir: Path) -> None:
+        cfg, accelerator = self.cfg, self.accelerator
+        state_dict, meta = read_checkpoint(checkpoint_dir)
         arch = {k: v for k, v in meta["model_kwargs"].items() if k != "drop_path_rate"}
-        if arch != cfg.model_kwargs:
-            differs["model_kwargs"] = (arch, cfg.model_kwargs)
-    if differs:
-        detail = "; ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in differs.items())
-        raise ConfigError(
-            f"cannot resume from {resume_dir}: the model differs ({detail}); use --resume none with a new "
-            f"--run_name to train this model from scratch"
-        )
-    raw_model.load_state_dict(state_dict)
-    if ema is not None:
-        if meta.get("has_ema"):
-            ema.module.load_state_dict(read_checkpoint(resume_dir, ema=True)[0])
+        if (meta["model"], arch, meta["num_classes"]) != (cfg.model, cfg.model_kwargs, self.num_classes):
+            raise ConfigError(
+                f"cannot resume from {checkpoint_dir}: it holds {meta['model']} {arch} with {meta['num_classes']} "
+                f"classes, the config asks for {cfg.model} {cfg.model_kwargs} with {self.num_classes}; use a new "
+                "--run_name (or --resume none) to train this model from scratch"
+            )
+        self.raw_model.load_state_dict(state_dict)
+        if self.ema is not None:
+            if meta.get("has_ema"):
+                self.ema.module.load_state_dict(read_checkpoint(checkpoint_dir, ema=True)[0])
+            else:
+                logger.warning("%s has no EMA weights; the EMA restarts from the model's", checkpoint_dir)
+                self.ema.module.load_state_dict(state_dict)
+        state = read_training_state(checkpoint_dir)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if accelerator.scaler is not None and state["scaler"] is not None:
+            accelerator.scaler.load_state_dict(state["scaler"])
+        if state["global_batch_size"] != self.images_per_step:
+            logger.warning(
+                "the global batch changed from %d to %d images: steps before and after count different data",
+                state["global_batch_size"],
+                self.images_per_step,
+            )
+        if len(state["rng"]) == accelerator.num_processes:
+            self.resume_rng = state["rng"][accelerator.process_index]
         else:
-            logger.warning("%s has no EMA weights; the EMA restarts from the current weights", resume_dir)
-            ema.module.load_state_dict(state_dict)
-    state = read_training_state(resume_dir)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if accelerator.scaler is not None and state["scaler"] is not None:
-        accelerator.scaler.load_state_dict(state["scaler"])
-    if state["global_batch_size"] != images_per_step:
-        logger.warning(
-            "global batch changed from %d to %d images since the checkpoint: steps and the lr schedule now "
-            "count different amounts of data", state["global_batch_size"], images_per_step,
+            logger.warning(
+                "the checkpoint was saved by %d processes, this run has %d: random streams start afresh",
+                len(state["rng"]),
+                accelerator.num_processes,
+            )
+        self.step, self.epoch, self.samples_in_epoch = (
+            state["step"],
+            state["epoch"],
+            state["samples_in_epoch"],
         )
-    rng_states = state["rng"]
-    if len(rng_states) == accelerator.num_processes:
-        rng = rng_states[accelerator.process_index]
-    else:
-        logger.warning("checkpoint saved by %d processes, running %d: RNG streams start afresh",
-                       len(rng_states), accelerator.num_processes)
-        rng = _rng_state()
-    logger.info("resumed from %s (step %d, epoch %d + %d images)", resume_dir, state["step"], state["epoch"],
-                state["samples_in_epoch"])
-    metrics = meta.get("metrics") or {}
-    return state["step"], state["epoch"], state["samples_in_epoch"], state["best_top1"], metrics, rng
+        self.best_top1, self.last_eval = state["best_top1"], meta.get("metrics") or {}
+        logger.info(
+            "resumed from %s (step %d, epoch %d + %d images)",
+            checkpoint_dir,
+            self.step,
+            self.epoch,
+            self.samples_in_epoch,
+        )
+
+    def _announce(self, tracker: RunTracker) -> None:
+        cfg, accelerator = self.cfg, self.accelerator
+        backend = active_backend(torch.zeros(1, 8, device=self.device, dtype=self.amp_dtype or torch.float32))
+        num_params = sum(p.numel() for p in self.raw_model.parameters())
+        logger.info(
+            "%s: %.2fM params, GR-KAN backend: %s | %d x %s, %s precision | %d train / %d val images, %d classes "
+            "| global batch %d, lr %.3g, %d steps/epoch, %d steps | run dir %s",
+            cfg.model,
+            num_params / 1e6,
+            backend,
+            accelerator.num_processes,
+            self.device.type,
+            self.precision,
+            len(self.train_set),
+            len(self.val_set),
+            self.num_classes,
+            self.images_per_step,
+            self.lr,
+            self.steps_per_epoch,
+            self.total_steps,
+            self.run_dir,
+        )
+        tracker.log_run(
+            {
+                "step": self.step,
+                "resumed_from": str(self.resume_dir) if self.resume_dir else None,
+                "rational_backend": backend,
+                "num_processes": accelerator.num_processes,
+                "device": self.device.type,
+                "mixed_precision": self.precision,
+                "global_batch_size": self.images_per_step,
+                "lr": self.lr,
+                "params": num_params,
+            }
+        )
+
+    def fit(self) -> dict:
+        cfg, accelerator = self.cfg, self.accelerator
+        tracker = RunTracker(self.run_dir, cfg, is_main=self.is_main)
+        self._announce(tracker)
+        if self.step >= self.stop_step:
+            accelerator.print(
+                f"Nothing to train: {self.resume_dir} is at step {self.step} of {self.stop_step}. Raise --epochs "
+                "or --max_steps to go further, or use a new --run_name to train again."
+            )
+            tracker.finish()
+            return self.last_eval
+        if self.resume_rng is not None:
+            set_rng_state(self.resume_rng)  # last, after everything that draws random numbers while building
+
+        progress = tqdm(
+            total=self.stop_step, initial=self.step, disable=not self.is_main, unit="step", dynamic_ncols=True
+        )
+        progress.set_description(cfg.run_name)
+        try:
+            while self.step < self.stop_step:
+                self._train_epoch(tracker, progress)
+        finally:
+            progress.close()
+            tracker.finish()
+
+        last, elapsed = self.last_eval, time.perf_counter() - self.launch_time
+        ema_text = f"EMA {last['val_ema']['top1']:.1f}%, " if "val_ema" in last else ""
+        accelerator.print(
+            f"Training finished: val top-1 {last['val']['top1']:.1f}% ({ema_text}chance {100 / self.num_classes:.1f}%)"
+            f" after {self.step} steps in {elapsed:.0f} s; checkpoints in {self.run_dir} (best: {self.run_dir}/best)"
+        )
+        return last
+
+    def _train_epoch(self, tracker: RunTracker, progress: tqdm) -> None:
+        """Train from the current position to the end of the epoch (or stop_step), evaluating and saving."""
+        cfg, accelerator = self.cfg, self.accelerator
+        epoch_clock = time.perf_counter()
+        self.sampler.set_epoch(self.epoch, start=self.samples_in_epoch)
+        self.worker_seed.manual_seed(
+            hash((cfg.seed, self.epoch, self.samples_in_epoch, accelerator.process_index)) % 2**62
+        )
+        batches = iter(self.train_loader)
+        updates = len(self.train_loader) // cfg.grad_accum_steps
+        loss_sum = torch.zeros((), device=self.device)
+        log_clock, log_step, data_time = time.perf_counter(), self.step, 0.0
+        self.model.train()
+        for update in range(updates):
+            loss, grad_norm, lr, waited = self._train_step(batches)
+            loss_sum += loss
+            data_time += waited
+            end_of_epoch, final = update == updates - 1, self.step >= self.stop_step
+
+            if self.step % cfg.log_interval == 0 or final:
+                loss_value = accelerator.reduce(loss, "mean").item()
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(
+                        f"loss is {loss_value} at step {self.step}; lower lr, set clip_grad, or use bf16"
+                    )
+                now, steps = time.perf_counter(), self.step - log_step
+                record = {
+                    "step": self.step,
+                    "epoch": self.epoch
+                    + self.samples_in_epoch / (self.steps_per_epoch * self.images_per_step),
+                    "loss": loss_value,
+                    "lr": lr,
+                    "grad_norm": grad_norm.item(),
+                    "images_per_sec": steps * self.images_per_step / (now - log_clock),  # all processes
+                    "step_time": (now - log_clock) / steps,
+                    "data_time": data_time / steps,
+                }
+                if self.device.type == "cuda":
+                    record["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                tracker.log_step(record)
+                progress.set_postfix(
+                    loss=f"{loss_value:.4f}",
+                    lr=f"{lr:.2e}",
+                    img_s=f"{record['images_per_sec']:.0f}",
+                    refresh=False,
+                )
+                log_clock, log_step, data_time = now, self.step, 0.0
+            progress.update(1)
+
+            if end_of_epoch:
+                self.epoch, self.samples_in_epoch = self.epoch + 1, 0
+            if end_of_epoch or final:
+                train_loss = accelerator.reduce(loss_sum, "mean").item() / (update + 1)
+                self._evaluate(tracker, progress, time.perf_counter() - epoch_clock, train_loss)
+            if (
+                end_of_epoch
+                or final
+                or (cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0)
+            ):
+                self._save(evaluated=end_of_epoch or final)
+            if end_of_epoch or final:  # throughput excludes evaluating and saving
+                log_clock, log_step, data_time = time.perf_counter(), self.step, 0.0
+            if final:
+                return
+
+    def _train_step(self, batches) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """One optimizer step over grad_accum_steps micro-batches: (mean loss, grad norm, lr used, data wait)."""
+        cfg, accelerator = self.cfg, self.accelerator
+        step_loss, data_time = torch.zeros((), device=self.device), 0.0
+        for micro in range(cfg.grad_accum_steps):
+            wait = time.perf_counter()
+            images, targets = next(batches)
+            data_time += time.perf_counter() - wait
+            images = images.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            if self.mixup is not None:
+                images, targets = self.mixup(images, targets)
+            # Gradients are all-reduced across processes only on the last micro-batch.
+            last = micro == cfg.grad_accum_steps - 1
+            with nullcontext() if last else accelerator.no_sync(self.model):
+                loss = self.train_loss_fn(self.model(images), targets)  # prepare() put forward in autocast
+                accelerator.backward(loss / cfg.grad_accum_steps)
+            step_loss += loss.detach() / cfg.grad_accum_steps
+        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), cfg.clip_grad or math.inf)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.samples_in_epoch += self.images_per_step
+        self.scheduler.step_update(self.step)
+        if self.ema is not None:
+            self.ema.update(self.raw_model, step=self.step)
+        self.train_set.check_bad_images()
+        return step_loss, grad_norm, lr, data_time
+
+    def _evaluate(self, tracker: RunTracker, progress: tqdm, epoch_time: float, train_loss: float) -> None:
+        cfg, accelerator = self.cfg, self.accelerator
+        models = {"val": self.model} | ({"val_ema": self.ema.module} if self.ema is not None else {})
+        results = {}
+        for name, model in models.items():
+            bar = tqdm(total=len(self.val_loader), desc=name, leave=False, disable=not self.is_main)
+            results[name] = evaluate(
+                model,
+                self.val_loader,
+                accelerator,
+                amp_dtype=self.amp_dtype,
+                progress=lambda _: bar.update(1),
+            )
+            bar.close()
+        if self.val_set.num_bad_images:
+            logger.warning(
+                "val metrics count %d substitutes for unreadable images", self.val_set.num_bad_images
+            )
+        images = {}
+        if self.is_main and cfg.plot_rationals:
+            path = self.run_dir / "plots" / f"rationals-{checkpoint_name(self.step)}.png"
+            if plot_rationals(self.raw_model, path, title=f"(step {self.step})"):
+                images["rationals"] = path
+        tracker.log_eval(
+            {
+                "step": self.step,
+                "epoch": self.epoch,
+                "epoch_time": epoch_time,
+                "train_loss": train_loss,
+                **results,
+            },
+            images,
+        )
+        val = results["val"]
+        ema_text = f" | EMA top-1 {results['val_ema']['top1']:.2f}%" if "val_ema" in results else ""
+        progress.write(
+            f"epoch {self.epoch}/{cfg.epochs} (step {self.step}): train loss {train_loss:.4f} | val top-1 "
+            f"{val['top1']:.2f}% top-5 {val['top5']:.2f}% loss {val['loss']:.4f}{ema_text} | {epoch_time:.0f} s"
+        )
+        self.last_eval = results
+
+    def _save(self, evaluated: bool) -> None:
+        is_best = evaluated and self.last_eval["val"]["top1"] > self.best_top1
+        if is_best:
+            self.best_top1 = self.last_eval["val"]["top1"]
+        rng_states = gather_object([rng_state()])  # one entry per process; every process takes part
+        if self.is_main:
+            scaler = self.accelerator.scaler
+            training_state = {
+                "format": STATE_FORMAT,
+                "step": self.step,
+                "epoch": self.epoch,  # epochs completed
+                "samples_in_epoch": self.samples_in_epoch,  # position in the next one (all processes)
+                "global_batch_size": self.images_per_step,
+                "best_top1": self.best_top1,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": rng_states,
+            }
+            meta = {
+                "model": self.cfg.model,
+                "model_kwargs": {**self.cfg.model_kwargs, "drop_path_rate": self.cfg.drop_path},
+                "num_classes": self.num_classes,
+                "class_names": self.class_names,
+                "step": self.step,
+                "epoch": self.epoch,
+                "data_config": self.data_config,
+                "config": self.cfg.to_dict(),
+                "metrics": self.last_eval,
+            }
+            save_checkpoint(
+                self.run_dir,
+                self.step,
+                model_state=self.raw_model.state_dict(),
+                ema_state=self.ema.module.state_dict() if self.ema is not None else None,
+                training_state=training_state,
+                meta=meta,
+                keep=self.cfg.keep_checkpoints,
+                is_best=is_best,
+            )
+        self.accelerator.wait_for_everyone()

@@ -53,7 +53,9 @@ def plot_rationals(model: torch.nn.Module, path: Path, title: str = "") -> Path 
         ax.legend(fontsize=7, loc="upper left")
     for ax in list(axes.flat)[len(blocks) :]:
         ax.axis("off")
-    fig.suptitle(f"learned rational functions on [{X_RANGE[0]:g}, {X_RANGE[1]:g}], one curve per group {title}")
+    fig.suptitle(
+        f"learned rational functions on [{X_RANGE[0]:g}, {X_RANGE[1]:g}], one curve per group {title}"
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)

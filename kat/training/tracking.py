@@ -85,8 +85,12 @@ class RunTracker:
         self.jsonl.write(json.dumps(record) + "\n")
 
     def log_run(self, record: dict) -> None:
-        if self.is_main:
-            self._write({"type": "run", **record})
+        """Facts about this launch (resumed from, rational backend, processes, ...); W&B keeps them in its config."""
+        if not self.is_main:
+            return
+        self._write({"type": "run", **record})
+        if self.wandb is not None:
+            self.wandb.config.update({"launch": record}, allow_val_change=True)
 
     def log_step(self, record: dict) -> None:
         if not self.is_main:
@@ -114,10 +118,6 @@ class RunTracker:
                     data[f"train/{key}" if key == "train_loss" else key] = value
             data |= {key: wandb.Image(str(path)) for key, path in (images or {}).items()}
             self.wandb.log(data)
-
-    def log_summary(self, summary: dict) -> None:
-        if self.wandb is not None:
-            self.wandb.summary.update(summary)
 
     def finish(self) -> None:
         if not self.is_main:
