@@ -122,6 +122,30 @@ def profile_step(runner: Runner, top: int) -> dict:
             "top_kernels_ms": ranked}
 
 
+def check_fused_against_unfused(name: str, device, batch: int = 16) -> dict:
+    """Outputs and gradients of the fused model (KatBlock's norm2 -> act1 in one op) against the unfused one.
+
+    Same weights and inputs, bf16 autocast as in training; errors are norm-wise relative differences.
+    """
+    torch.manual_seed(0)
+    fused = timm.create_model(name, num_classes=1000).to(device)
+    plain = timm.create_model(name, num_classes=1000, fuse_norm_act=False).to(device)
+    plain.load_state_dict(fused.state_dict())
+    images = torch.randn(batch, 3, 224, 224, device=device)
+    outputs, grads = [], []
+    for model in (fused, plain):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(images)
+        logits.float().logsumexp(-1).mean().backward()
+        outputs.append(logits.float())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    return {"model": name, "logits_rel_err": rel(*outputs), "grads_rel_err": rel(*grads)}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="tiny,small,base", help="comma list of tiny,small,base")
@@ -135,6 +159,7 @@ def main():
     parser.add_argument("--compile_mode", default="default",
                         help="torch.compile mode for --compile on/both: default, reduce-overhead (CUDA graphs), ...")
     parser.add_argument("--profile", action="store_true", help="per-kernel breakdown of one KAT and one ViT step")
+    parser.add_argument("--no_check", action="store_true", help="skip the fused-vs-unfused KAT check")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -149,6 +174,15 @@ def main():
                "triton": _version("triton"), "python": platform.python_version(), "command": " ".join(sys.argv),
                "batch": args.batch, "img_size": args.img_size, "steps": args.steps, "rounds": args.rounds,
                "rational_backend": kat.rational.active_backend(torch.empty(1, device=device)), "runs": []}
+
+    if not args.no_check:
+        for name in names:
+            if name.startswith("kat"):
+                check = check_fused_against_unfused(name, device)
+                results.setdefault("fused_check", []).append(check)
+                print(f"fused vs unfused {name}: logits rel err {check['logits_rel_err']:.2e}, "
+                      f"grads rel err {check['grads_rel_err']:.2e} (bf16 autocast)", flush=True)
+        torch.cuda.empty_cache()
 
     for compiled in modes:
         runners = [Runner(n, args.batch, args.img_size, compiled, device) for n in names]

@@ -87,6 +87,27 @@ def test_every_parameter_gets_a_gradient_with_the_official_init():
     assert_every_parameter_has_a_gradient(model)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_norm_act_computes_the_unfused_block(monkeypatch, backend):
+    """KatBlock's fused norm2 -> act1 gives the unfused model's outputs and gradients (same weights)."""
+    monkeypatch.setenv("KAT_RATIONAL_BACKEND", backend)  # 'triton' on CPU: the Triton interpreter (conftest)
+    results = []
+    for fuse in (True, False):
+        torch.manual_seed(0)
+        model = timm.create_model("kat_tiny", img_size=32, patch_size=8, depth=2, num_classes=10,
+                                  fuse_norm_act=fuse)
+        assert all(block.fuse_norm_act == fuse for block in model.blocks)
+        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        y = model(x)
+        y.square().sum().backward()
+        results.append((y.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (y_fused, g_fused), (y_plain, g_plain) = results
+    torch.testing.assert_close(y_fused, y_plain, rtol=1e-5, atol=1e-5)
+    for name, grad in g_plain.items():  # fp32 sums in another order: compare whole gradients, norm-wise
+        error = ((g_fused[name] - grad).norm() / grad.norm()).item()
+        assert error < 1e-4, f"{name}: relative gradient difference {error:.2e}"
+
+
 def test_kan_mlp_order_and_knobs():
     model = tiny(act_init="identity", kan_groups=4)
     mlp = model.blocks[0].mlp

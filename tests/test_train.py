@@ -23,8 +23,14 @@ from kat.training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo"
-TINY = ["--model_kwargs.depth", "1", "--model_kwargs.embed_dim", "32", "--model_kwargs.num_heads", "2"]
-QUIET = ["--wandb_mode", "disabled", "--plot_rationals", "false", "--workers", "0"]
+
+
+def cli(text: str) -> list[str]:
+    return text.split()
+
+
+TINY = cli("--model_kwargs.depth 1 --model_kwargs.embed_dim 32 --model_kwargs.num_heads 2")
+QUIET = cli("--wandb_mode disabled --plot_rationals false --workers 0")
 
 
 def records(run_dir: Path, kind: str) -> list[dict]:
@@ -59,23 +65,8 @@ def env(tmp_path: Path) -> dict:
 
 def test_demo_config_with_python_train_py(tmp_path):
     """The README command shape, shortened: checkpoints, metrics.jsonl, W&B offline run, plots, summary line."""
-    argv = [
-        sys.executable,
-        "train.py",
-        "--config",
-        "demo.yaml",
-        "--output_dir",
-        str(tmp_path),
-        *TINY,
-        "--max_steps",
-        "4",
-        "--checkpoint_interval",
-        "2",
-        "--keep_checkpoints",
-        "1",
-        "--wandb_mode",
-        "offline",
-    ]
+    argv = [sys.executable, "train.py", *cli(f"--config demo.yaml --output_dir {tmp_path} --max_steps 4")]
+    argv += cli("--checkpoint_interval 2 --keep_checkpoints 1 --wandb_mode offline") + TINY
     result = subprocess.run(argv, cwd=REPO, env=env(tmp_path), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Training finished: val top-1" in result.stdout and "chance 10.0%" in result.stdout
@@ -126,38 +117,24 @@ def test_demo_config_with_python_train_py(tmp_path):
 
 
 def test_resumed_run_continues_exactly(tmp_path, digits):
-    """Stop at step 3 (mid-epoch) and rerun the same command: identical to one uninterrupted run."""
+    """Stop at step 3 (mid-epoch) and rerun the same command: identical to one uninterrupted run.
+
+    With the ImageNet recipe's random pieces on (RandAugment, flips, random erasing, Mixup/CutMix), so the
+    restored python/numpy/torch RNG states and the data position all have to be right.
+    """
+    common = cli(f"--config demo --data_dir {digits} --output_dir {tmp_path} --batch_size 16 --epochs 2")
+    recipe = cli("--aa rand-m9-mstd0.5 --hflip 0.5 --reprob 0.25 --mixup 0.8 --cutmix 1.0")
 
     def run(name, max_steps):
-        argv = [
-            "--config",
-            "demo",
-            "--data_dir",
-            str(digits),
-            "--output_dir",
-            str(tmp_path),
-            "--run_name",
-            name,
-            "--batch_size",
-            "16",
-            "--epochs",
-            "2",
-            "--checkpoint_interval",
-            "3",
-            *TINY,
-            *QUIET,
-            "--max_steps",
-            str(max_steps),
-        ]
-        return train(parse_config(argv))
+        argv = [*common, "--run_name", name, "--max_steps", str(max_steps), "--checkpoint_interval", "3"]
+        return train(parse_config(argv + TINY + QUIET + recipe))
 
     straight = run("straight", 6)
     run("resumed", 3)
-    resumed = run("resumed", 6)  # same command, more steps: picks up step-00000003
+    resumed = run("resumed", 6)  # the same command with more steps picks up step-00000003
 
     a, b = tmp_path / "straight", tmp_path / "resumed"
-    steps_b = [r["step"] for r in records(b, "step")]
-    assert steps_b == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records(b, "step")] == [1, 2, 3, 4, 5, 6]
     assert records(b, "run")[1]["resumed_from"].endswith("step-00000003")
     assert [r["loss"] for r in records(a, "step")] == [r["loss"] for r in records(b, "step")]
     for name in ("model.safetensors", "ema.safetensors"):
@@ -165,50 +142,12 @@ def test_resumed_run_continues_exactly(tmp_path, digits):
         assert all(torch.equal(wa[k], wb[k]) for k in wa), name
     assert straight["val"] == {**resumed["val"], "images_per_sec": straight["val"]["images_per_sec"]}
 
-    # Nothing left to do: the rerun says so and changes nothing.
-    assert (
-        train(
-            parse_config(
-                [
-                    "--config",
-                    "demo",
-                    "--data_dir",
-                    str(digits),
-                    "--output_dir",
-                    str(tmp_path),
-                    "--run_name",
-                    "resumed",
-                    "--batch_size",
-                    "16",
-                    "--epochs",
-                    "2",
-                    *TINY,
-                    *QUIET,
-                    "--max_steps",
-                    "6",
-                ]
-            )
-        )["val"]["top1"]
-        == resumed["val"]["top1"]
-    )
-    # --resume none never overwrites an existing run.
-    assert (
-        train_script.main(
-            [
-                "--config",
-                "demo",
-                "--output_dir",
-                str(tmp_path),
-                "--run_name",
-                "resumed",
-                "--resume",
-                "none",
-                *TINY,
-                *QUIET,
-            ]
-        )
-        == 2
-    )
+    # Nothing left to do: the rerun says so and returns the checkpoint's metrics.
+    again = run("resumed", 6)
+    assert again["val"]["top1"] == resumed["val"]["top1"]
+    assert len(records(b, "step")) == 6
+    # --resume none never touches an existing run.
+    assert train_script.main([*common, "--run_name", "resumed", "--resume", "none", *TINY, *QUIET]) == 2
 
 
 def test_loss_falls_on_a_fixed_tiny_set(tmp_path, digits):
@@ -219,34 +158,11 @@ def test_loss_falls_on_a_fixed_tiny_set(tmp_path, digits):
             (tiny / split / str(c)).mkdir(parents=True)
             for f in sorted((digits / "train" / str(c)).glob("*.png"))[:per_class]:
                 shutil.copy(f, tiny / split / str(c) / f.name)
-    argv = [
-        "--config",
-        "demo",
-        "--data_dir",
-        str(tiny),
-        "--output_dir",
-        str(tmp_path),
-        *TINY,
-        *QUIET,
-        "--batch_size",
-        "20",
-        "--epochs",
-        "40",
-        "--scale",
-        "[1, 1]",
-        "--ratio",
-        "[1, 1]",
-        "--smoothing",
-        "0",
-        "--lr",
-        "3e-3",
-        "--warmup_epochs",
-        "0",
-        "--model_ema",
-        "false",
-        "--checkpoint_interval",
-        "null",
-    ]
+    argv = cli(
+        f"--config demo --data_dir {tiny} --output_dir {tmp_path} --batch_size 20 --epochs 40 --scale [1,1] "
+        "--ratio [1,1] --smoothing 0 --lr 3e-3 --warmup_epochs 0 --model_ema false --checkpoint_interval null"
+    )
+    argv += TINY + QUIET
     result = train(parse_config(argv))
     losses = [r["loss"] for r in records(tmp_path / "demo", "step")]
     assert len(losses) == 40
@@ -259,36 +175,13 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, digits):
     """DDP over gloo: global images/s, an exact evaluation over 101 images, per-process RNG in checkpoints."""
     # accelerate's own --cpu flag means one process (or mpirun); its torchrun launcher (--multi_gpu) plus our
     # `--cpu true` gives 2 CPU processes over gloo.
-    argv = [
-        "accelerate",
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29517",
+    launcher = "accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no"
+    launcher += " --dynamo_backend no --main_process_port 29517"
+    argv = cli(launcher) + [
         "train.py",
-        "--config",
-        "demo",
-        "--cpu",
-        "true",
-        "--data_dir",
-        str(digits),
-        "--output_dir",
-        str(tmp_path),
-        "--batch_size",
-        "16",
-        "--max_steps",
-        "3",
-        *TINY,
-        *QUIET,
+        *cli(f"--config demo --cpu true --data_dir {digits} --output_dir {tmp_path}"),
     ]
+    argv += cli("--batch_size 16 --max_steps 3") + TINY + QUIET
     result = subprocess.run(argv, cwd=REPO, env=env(tmp_path), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "demo"

@@ -21,13 +21,13 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from timm.models import VisionTransformer, build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._manipulate import named_apply
-from timm.models.vision_transformer import init_weights_vit_timm
+from timm.models.vision_transformer import Block, init_weights_vit_timm
 from torch import Tensor, nn
 
 from kat.models.pretrained import CheckpointMismatchError, checkpoint_filter_fn, load_checkpoint_file
-from kat.rational import GroupRational, vp_gain
+from kat.rational import GroupRational, layer_norm_rational, vp_gain
 
-__all__ = ["KANMlp", "Kat", "init_mimetic_attention"]
+__all__ = ["KANMlp", "Kat", "KatBlock", "init_mimetic_attention"]
 
 WEIGHT_INITS = ("vp", "official")
 
@@ -72,7 +72,17 @@ class KANMlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features, bias=bias[1], **dd)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.drop1(self.act1(x))
+        return self._from_fc1(self.drop1(self.act1(x)))
+
+    def forward_fused_norm(self, x: Tensor, norm: nn.LayerNorm) -> Tensor:
+        """self(norm(x)) with norm and act1 computed by one fused op (see KatBlock)."""
+        act1 = self.act1
+        x = layer_norm_rational(
+            x, norm.weight, norm.bias, norm.eps, act1.weight_numerator, act1.weight_denominator, backend=act1.backend
+        )
+        return self._from_fc1(self.drop1(x))
+
+    def _from_fc1(self, x: Tensor) -> Tensor:
         x = self.fc1(x)
         x = self.drop2(self.act2(x))
         x = self.norm(x)
@@ -89,6 +99,25 @@ class KANMlp(nn.Module):
             nn.init.normal_(fc.weight, std=math.sqrt(vp_gain(act_init) / fc.in_features))
             if fc.bias is not None:
                 nn.init.zeros_(fc.bias)
+
+
+class KatBlock(Block):
+    """timm's ViT block; with `fuse_norm_act` its norm2 -> mlp.act1 pair runs as one fused op.
+
+    Same function, parameters and state-dict keys as the unfused block. The fused op (kat.rational.norm_rational)
+    neither writes the LayerNorm output to memory nor saves it for backward (it recomputes it from x, which the
+    residual stream keeps anyway), and under autocast it writes act1's output in bf16, so fc1 needs no cast: in
+    KAT-S that saved fp32 LayerNorm output was the whole 0.43 GiB (10%) by which KAT's training memory exceeded
+    ViT's (H200, bench/bench_train.py).
+    """
+
+    fuse_norm_act = True
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if not (self.fuse_norm_act and isinstance(self.norm2, nn.LayerNorm) and isinstance(self.mlp, KANMlp)):
+            return super().forward(x, *args, **kwargs)
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), *args, **kwargs)))  # as timm's Block
+        return x + self.drop_path2(self.ls2(self.mlp.forward_fused_norm(x, self.norm2)))
 
 
 def _factorize(target: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -143,6 +172,7 @@ class Kat(VisionTransformer):
         act_init: init of every act2 ('swish' as published; 'gelu', 'identity', ... from kat.rational).
         kan_groups: channel groups of each GroupRational (8 as published).
         weight_init: 'vp' or 'official', see the module docstring and docs/MODELS.md.
+        fuse_norm_act: compute each block's norm2 -> act1 as one fused op (KatBlock); same function.
     """
 
     def __init__(
@@ -151,13 +181,18 @@ class Kat(VisionTransformer):
         kan_groups: int = 8,
         weight_init: str = "vp",
         fix_init: bool = False,
+        fuse_norm_act: bool = True,
         **kwargs,
     ):
         if weight_init not in WEIGHT_INITS:
             raise ValueError(f"weight_init={weight_init!r}: KAT models take one of {WEIGHT_INITS}")
         mlp_layer = partial(KANMlp, act_init=act_init, groups=kan_groups)
         # 'skip': timm's own init is replaced by init_weights below (timm 1.0.15 and 1.0.31 both accept it).
+        kwargs.setdefault("block_fn", KatBlock)
         super().__init__(mlp_layer=mlp_layer, weight_init="skip", **kwargs)
+        for block in self.blocks:
+            if isinstance(block, KatBlock):
+                block.fuse_norm_act = fuse_norm_act
         self.act_init, self.kan_groups = act_init, kan_groups
         self.weight_init_mode, self.fix_init = weight_init, fix_init
         self.init_weights()

@@ -1,10 +1,11 @@
 """Fused LayerNorm -> group-rational activation, y = F(LayerNorm(x)): the KAT block's `norm2 -> mlp.act1`.
 
-Why fuse: unfused under autocast, LayerNorm writes its output in fp32, act1 reads it and saves it for backward,
-and fc1 casts act1's fp32 output to bf16: three extra memory passes and one extra saved [N, C] fp32 activation
-per block (the whole of KAT-S's peak-memory excess over ViT-S). Fused, one kernel reads x, normalises each row,
-applies gamma/beta and F, and writes y directly in the dtype fc1 consumes; backward saves only x (which the
-residual stream keeps alive anyway), mean and rstd ([N] fp32) and recomputes the LayerNorm output.
+Why fuse: unfused under autocast, LayerNorm writes its output in fp32, act1 reads it and saves it for
+backward, and fc1 casts act1's fp32 output to bf16: three extra memory passes and one extra saved [N, C] fp32
+activation per block (the whole of KAT-S's peak-memory excess over ViT-S). Fused, one kernel reads x,
+normalises each row, applies gamma/beta and F, and writes y directly in the dtype fc1 consumes; backward
+saves only x (which the residual stream keeps alive anyway), mean and rstd ([N] fp32) and recomputes the
+LayerNorm output.
 
 Two custom ops, `kat::layer_norm_rational_fwd` -> (y, mean, rstd) and `kat::layer_norm_rational_bwd` ->
 (dx, d_weight, d_bias, d_numerator, d_denominator), with fake and autograd registrations, are what
@@ -73,7 +74,7 @@ def _torch_backward(grad_output, x, weight, bias, mean, rstd, numerator, denomin
     dx = rstd * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
     d_weight = d_weight.to(torch.float32 if weight is None else weight.dtype)
     d_bias = d_bias.to(torch.float32 if bias is None else bias.dtype)
-    return dx.to(x.dtype), d_weight, d_bias, d_num, d_den
+    return dx.to(x.dtype).contiguous(), d_weight, d_bias, d_num, d_den  # contiguous, as the fake says
 
 
 def _forward_impl(x, weight, bias, eps, numerator, denominator, out_dtype, backend):
@@ -144,9 +145,17 @@ def _(grad_output, x, weight, bias, mean, rstd, numerator, denominator, backend)
 
 
 def _parameter_grads(weight, bias, grads):
-    """(dx, d_weight, d_bias, d_num, d_den) -> gradients of (x, weight, bias, eps, num, den), None where absent."""
+    """(dx, d_weight, d_bias, d_num, d_den) -> gradients of (x, weight, bias, eps, num, den); None where
+    a parameter is absent."""
     dx, d_weight, d_bias, d_num, d_den = grads
-    return dx, d_weight if weight is not None else None, d_bias if bias is not None else None, None, d_num, d_den
+    return (
+        dx,
+        d_weight if weight is not None else None,
+        d_bias if bias is not None else None,
+        None,
+        d_num,
+        d_den,
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -160,7 +169,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_output, _grad_mean, _grad_rstd):
     x, weight, bias, mean, rstd, numerator, denominator = ctx.saved_tensors
-    grads = _layer_norm_rational_bwd(grad_output, x, weight, bias, mean, rstd, numerator, denominator, ctx.backend)
+    grads = _layer_norm_rational_bwd(
+        grad_output, x, weight, bias, mean, rstd, numerator, denominator, ctx.backend
+    )
     return *_parameter_grads(weight, bias, grads), None, None
 
 
@@ -203,14 +214,19 @@ def _check_inputs(x, weight, bias, eps, numerator, denominator, out_dtype) -> No
             )
         if t.device != x.device:
             raise ValueError(
-                f"layer_norm_rational: {name} is on {t.device} but x is on {x.device}; move them to one device"
+                f"layer_norm_rational: {name} is on {t.device} but x is on {x.device}; move them to one "
+                "device"
             )
     if out_dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"layer_norm_rational: out_dtype={out_dtype} is not float32, bfloat16, float16 or float64")
+        raise TypeError(
+            f"layer_norm_rational: out_dtype={out_dtype} is not float32, bfloat16, float16 or float64"
+        )
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"layer_norm_rational: eps must be a float >= 0, got {eps!r}")
     if numerator.dim() != 2 or numerator.shape[1] != 6:
-        raise ValueError(f"layer_norm_rational: numerator must have shape (Gn, 6), got {tuple(numerator.shape)}")
+        raise ValueError(
+            f"layer_norm_rational: numerator must have shape (Gn, 6), got {tuple(numerator.shape)}"
+        )
     if denominator.dim() != 2 or denominator.shape[1] != 4:
         raise ValueError(
             f"layer_norm_rational: denominator must have shape (Gd, 4), got {tuple(denominator.shape)}"

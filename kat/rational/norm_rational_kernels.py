@@ -8,9 +8,10 @@ coefficient-gradient terms are sums over the last axis (no per-group loops).
             h = xhat * gamma + beta, y = P(h)/Q(h) stored in the output dtype; mean and rstd stored in fp32.
   backward: a fixed grid of a few programs per SM, each walking a strided set of row tiles. Per tile it
             recomputes h, dh = dy F'(h), dx = rstd (g - mean(g) - xhat mean(g xhat)) with g = dh gamma, and
-            adds the tile's column sums of the 12 parameter-gradient terms (dh xhat, dh, dy h^i / Q, dy F |h|^j / Q)
-            to per-channel fp32 accumulators. At the end it writes per-channel d_gamma / d_beta partials and
-            per-group sums of the 10 rational terms to row `program` of a [programs, 2C + 10G] buffer.
+            adds the tile's column sums of the 12 parameter-gradient terms (dh xhat, dh, dy h^i / Q,
+            dy F |h|^j / Q) to per-channel fp32 accumulators. At the end it writes per-channel d_gamma /
+            d_beta partials and per-group sums of the 10 rational terms to row `program` of a
+            [programs, 2C + 10G] buffer.
   reduce:   one small kernel sums that buffer over programs in a fixed order in float64 (channel blocks of
             d_gamma and d_beta, one program per rational term) and applies dF/db = -sign(b)(...). No atomics:
             parameter gradients are bitwise identical run to run.
@@ -82,7 +83,8 @@ def _affine(xhat, w_ptr, b_ptr, cols, col_mask, HAS_WEIGHT: tl.constexpr, HAS_BI
 def _forward_kernel(
     x_ptr, w_ptr, b_ptr, num_ptr, den_ptr, y_ptr, mean_ptr, rstd_ptr, n_rows, eps,
     G: tl.constexpr, GS: tl.constexpr, GP: tl.constexpr, GSP: tl.constexpr,
-    NUM_ROW_STRIDE: tl.constexpr, DEN_ROW_STRIDE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    NUM_ROW_STRIDE: tl.constexpr, DEN_ROW_STRIDE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     C = G * GS
@@ -118,7 +120,8 @@ def _forward_kernel(
 def _backward_kernel(
     x_ptr, dy_ptr, w_ptr, b_ptr, num_ptr, den_ptr, mean_ptr, rstd_ptr, dx_ptr, partial_ptr, n_rows, n_tiles,
     G: tl.constexpr, GS: tl.constexpr, GP: tl.constexpr, GSP: tl.constexpr,
-    NUM_ROW_STRIDE: tl.constexpr, DEN_ROW_STRIDE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    NUM_ROW_STRIDE: tl.constexpr, DEN_ROW_STRIDE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     C = G * GS
@@ -225,13 +228,17 @@ def _sum_over_programs(ptr, n_programs, row_stride, index, index_mask, BLOCK_P: 
     for start in range(0, n_programs, BLOCK_P):
         programs = start + tl.arange(0, BLOCK_P)
         mask = (programs < n_programs)[:, None] & index_mask[None, :]
-        acc += tl.load(ptr + programs[:, None] * row_stride + index[None, :], mask=mask, other=0.0).to(tl.float64)
+        values = tl.load(ptr + programs[:, None] * row_stride + index[None, :], mask=mask, other=0.0)
+        acc += values.to(tl.float64)
     return tl.sum(acc, axis=0)
 
 
 @triton.jit
-def _reduce_channels(partial_ptr, d_weight_ptr, d_bias_ptr, pid, n_programs, C: tl.constexpr, G: tl.constexpr,
-                     CHANNEL_BLOCKS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+def _reduce_channels(
+    partial_ptr, d_weight_ptr, d_bias_ptr, pid, n_programs,
+    C: tl.constexpr, G: tl.constexpr, CHANNEL_BLOCKS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
     which = pid // CHANNEL_BLOCKS  # 0: d_gamma, 1: d_beta
     cols = (pid % CHANNEL_BLOCKS) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
@@ -241,9 +248,12 @@ def _reduce_channels(partial_ptr, d_weight_ptr, d_bias_ptr, pid, n_programs, C: 
 
 
 @triton.jit
-def _reduce_term(partial_ptr, den_ptr, d_num_ptr, d_den_ptr, k, n_programs, C: tl.constexpr, G: tl.constexpr,
-                 GP: tl.constexpr, DEN_ROW_STRIDE: tl.constexpr, NUM_SHARED: tl.constexpr, DEN_SHARED: tl.constexpr,
-                 BLOCK_P: tl.constexpr):  # fmt: skip
+def _reduce_term(
+    partial_ptr, den_ptr, d_num_ptr, d_den_ptr, k, n_programs,
+    C: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DEN_ROW_STRIDE: tl.constexpr,
+    NUM_SHARED: tl.constexpr, DEN_SHARED: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """d_num / d_den entry k (0..5: a_k, 6..9: b_(k-5)) of every group, or their sum for a shared row."""
     group = tl.arange(0, GP)
     group_mask = group < G
     terms = partial_ptr + 2 * C + k * G
@@ -274,11 +284,15 @@ def _reduce_kernel(
     fixed order; a shared (1, k) coefficient row gets the sum over groups."""
     pid = tl.program_id(0)
     if pid < 2 * CHANNEL_BLOCKS:
-        _reduce_channels(partial_ptr, d_weight_ptr, d_bias_ptr, pid, n_programs, C, G, CHANNEL_BLOCKS, BLOCK_P,
-                         BLOCK_C)  # fmt: skip
+        _reduce_channels(
+            partial_ptr, d_weight_ptr, d_bias_ptr, pid, n_programs, C, G, CHANNEL_BLOCKS, BLOCK_P, BLOCK_C
+        )
     else:
-        _reduce_term(partial_ptr, den_ptr, d_num_ptr, d_den_ptr, pid - 2 * CHANNEL_BLOCKS, n_programs, C, G, GP,
-                     DEN_ROW_STRIDE, NUM_SHARED, DEN_SHARED, BLOCK_P)  # fmt: skip
+        k = pid - 2 * CHANNEL_BLOCKS
+        _reduce_term(
+            partial_ptr, den_ptr, d_num_ptr, d_den_ptr, k, n_programs,
+            C, G, GP, DEN_ROW_STRIDE, NUM_SHARED, DEN_SHARED, BLOCK_P,
+        )  # fmt: skip
 
 
 INTERPRETED = isinstance(_forward_kernel, InterpretedFunction)

@@ -75,7 +75,7 @@ def create_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
     except TypeError as error:
         raise ConfigError(
             f"config key 'model_kwargs' {cfg.model_kwargs} is not accepted by {cfg.model}: {error}"
-        )
+        ) from error
 
 
 def rng_state() -> dict:
@@ -441,19 +441,9 @@ class Trainer:
         return step_loss, grad_norm, lr, data_time
 
     def _evaluate(self, tracker: RunTracker, progress: tqdm, epoch_time: float, train_loss: float) -> None:
-        cfg, accelerator = self.cfg, self.accelerator
+        cfg = self.cfg
         models = {"val": self.model} | ({"val_ema": self.ema.module} if self.ema is not None else {})
-        results = {}
-        for name, model in models.items():
-            bar = tqdm(total=len(self.val_loader), desc=name, leave=False, disable=not self.is_main)
-            results[name] = evaluate(
-                model,
-                self.val_loader,
-                accelerator,
-                amp_dtype=self.amp_dtype,
-                progress=lambda _: bar.update(1),
-            )
-            bar.close()
+        results = {name: self._evaluate_model(model, name) for name, model in models.items()}
         if self.val_set.num_bad_images:
             logger.warning(
                 "val metrics count %d substitutes for unreadable images", self.val_set.num_bad_images
@@ -480,6 +470,16 @@ class Trainer:
             f"{val['top1']:.2f}% top-5 {val['top5']:.2f}% loss {val['loss']:.4f}{ema_text} | {epoch_time:.0f} s"
         )
         self.last_eval = results
+
+    def _evaluate_model(self, model: torch.nn.Module, name: str) -> dict:
+        with tqdm(total=len(self.val_loader), desc=name, leave=False, disable=not self.is_main) as bar:
+            return evaluate(
+                model,
+                self.val_loader,
+                self.accelerator,
+                amp_dtype=self.amp_dtype,
+                progress=lambda _: bar.update(),
+            )
 
     def _save(self, evaluated: bool) -> None:
         is_best = evaluated and self.last_eval["val"]["top1"] > self.best_top1
