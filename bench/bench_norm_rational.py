@@ -192,12 +192,14 @@ def sweep_shape(channels, device, bandwidth):
             print(f" {mark}fwd C={channels} {cfg}: {ms:.4f} ms, {6 * elements / bandwidth / ms / 1e-5:.0f}%")
     _, mean, rstd = forward()
     backward = functools.partial(norm_rational_kernels.backward, dy, x, weight, bias, mean, rstd, num, den)
-    for block_n in (1, 2, 4):
-        for warps in (4, 8, 16):
-            # 2-8 tile elements and <= 4 channels of each accumulator per thread (else registers spill)
-            if not 2 <= block_n * padded // (32 * warps) <= 8 or padded // (32 * warps) > 4:
+    for block_n in (1, 2, 4, 8):
+        for warps in (2, 4, 8, 16):
+            # 2-8 tile elements per thread: each is also one element of each of the 12 accumulators
+            if not 2 <= block_n * padded // (32 * warps) <= 8:
                 continue
-            for per_sm in (1, 2, 4):
+            for per_sm in (1, 2, 4, 8):
+                if warps * per_sm > 64:  # more warps than an SM holds
+                    continue
                 cfg = {"BLOCK_N": block_n, "num_warps": warps, "programs_per_sm": per_sm}
                 ms = graph_ms(functools.partial(backward, config=cfg))
                 mark = "*" if cfg == bwd_default else " "
@@ -224,11 +226,13 @@ def main():
     parser.add_argument("--batch", type=int, default=128)
     args = parser.parse_args()
     SHAPE[0] = args.batch
-    device = torch.device(args.device)
     if not torch.cuda.is_available():
         sys.exit("bench_norm_rational.py needs a CUDA GPU")
     if norm_rational_kernels.INTERPRETED:
         sys.exit("TRITON_INTERPRET=1 is set: unset it to benchmark the compiled kernels")
+    device = torch.device(args.device)
+    if device.index is None:  # 'cuda' means the current device
+        device = torch.device("cuda", torch.cuda.current_device())
     torch.cuda.set_device(device)
     channels_list = [int(c) for c in args.channels.split(",")]
     info = {

@@ -136,20 +136,20 @@ def _backward_kernel(
     c2 = tl.abs(_coefficient(den_ptr, 1, DEN_ROW_STRIDE, G, GP))
     c3 = tl.abs(_coefficient(den_ptr, 2, DEN_ROW_STRIDE, G, GP))
     c4 = tl.abs(_coefficient(den_ptr, 3, DEN_ROW_STRIDE, G, GP))
-    # Per-channel running sums over this program's rows: d_gamma, d_beta terms, then dy h^i / Q (i = 0..5)
+    # Elementwise running sums over this program's row tiles (reduced over rows once, after the loop): d_gamma, d_beta terms, then dy h^i / Q (i = 0..5)
     # and dy F |h|^j / Q (j = 1..4).
-    acc_gamma = tl.zeros((GP, GSP), tl.float32)
-    acc_beta = tl.zeros((GP, GSP), tl.float32)
-    acc_a0 = tl.zeros((GP, GSP), tl.float32)
-    acc_a1 = tl.zeros((GP, GSP), tl.float32)
-    acc_a2 = tl.zeros((GP, GSP), tl.float32)
-    acc_a3 = tl.zeros((GP, GSP), tl.float32)
-    acc_a4 = tl.zeros((GP, GSP), tl.float32)
-    acc_a5 = tl.zeros((GP, GSP), tl.float32)
-    acc_b1 = tl.zeros((GP, GSP), tl.float32)
-    acc_b2 = tl.zeros((GP, GSP), tl.float32)
-    acc_b3 = tl.zeros((GP, GSP), tl.float32)
-    acc_b4 = tl.zeros((GP, GSP), tl.float32)
+    acc_gamma = tl.zeros((BLOCK_N, GP, GSP), tl.float32)
+    acc_beta = tl.zeros((BLOCK_N, GP, GSP), tl.float32)
+    acc_a0 = tl.zeros((BLOCK_N, GP, GSP), tl.float32)
+    acc_a1 = tl.zeros((BLOCK_N, GP, GSP), tl.float32)
+    acc_a2 = tl.zeros((BLOCK_N, GP, GSP), tl.float32)
+    acc_a3 = tl.zeros((BLOCK_N, GP, GSP), tl.float32)
+    acc_a4 = tl.zeros((BLOCK_N, GP, GSP), tl.float32)
+    acc_a5 = tl.zeros((BLOCK_N, GP, GSP), tl.float32)
+    acc_b1 = tl.zeros((BLOCK_N, GP, GSP), tl.float32)
+    acc_b2 = tl.zeros((BLOCK_N, GP, GSP), tl.float32)
+    acc_b3 = tl.zeros((BLOCK_N, GP, GSP), tl.float32)
+    acc_b4 = tl.zeros((BLOCK_N, GP, GSP), tl.float32)
     for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
         rows, offsets, mask = _row_tile(tile, n_rows, cols, col_mask, C, BLOCK_N)
         row_mask = rows < n_rows
@@ -171,8 +171,8 @@ def _backward_kernel(
         dh = dy_over_q * (dp - dq * f)
 
         # LayerNorm backward of row r: dx = rstd (g - mean_c(g) - xhat mean_c(g xhat)), g = dh gamma.
-        acc_gamma += tl.sum(dh * xhat, axis=0)
-        acc_beta += tl.sum(dh, axis=0)
+        acc_gamma += dh * xhat
+        acc_beta += dh
         g = dh
         if HAS_WEIGHT:
             g = g * _channel_vector(w_ptr, cols, col_mask)
@@ -182,28 +182,33 @@ def _backward_kernel(
         tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
         t = dy_over_q
-        acc_a0 += tl.sum(t, axis=0)
+        acc_a0 += t
         t *= h
-        acc_a1 += tl.sum(t, axis=0)
+        acc_a1 += t
         t *= h
-        acc_a2 += tl.sum(t, axis=0)
+        acc_a2 += t
         t *= h
-        acc_a3 += tl.sum(t, axis=0)
+        acc_a3 += t
         t *= h
-        acc_a4 += tl.sum(t, axis=0)
+        acc_a4 += t
         t *= h
-        acc_a5 += tl.sum(t, axis=0)
+        acc_a5 += t
         u = dy_over_q * f * ah
-        acc_b1 += tl.sum(u, axis=0)
+        acc_b1 += u
         u *= ah
-        acc_b2 += tl.sum(u, axis=0)
+        acc_b2 += u
         u *= ah
-        acc_b3 += tl.sum(u, axis=0)
+        acc_b3 += u
         u *= ah
-        acc_b4 += tl.sum(u, axis=0)
+        acc_b4 += u
 
     # Row `program` of the partials: [d_gamma (C) | d_beta (C) | term k of group g at 2C + k G + g].
     out = partial_ptr + tl.program_id(0) * (2 * C + 10 * G)
+    acc_gamma, acc_beta = tl.sum(acc_gamma, axis=0), tl.sum(acc_beta, axis=0)  # [GP, GSP]
+    acc_a0, acc_a1, acc_a2 = tl.sum(acc_a0, axis=0), tl.sum(acc_a1, axis=0), tl.sum(acc_a2, axis=0)
+    acc_a3, acc_a4, acc_a5 = tl.sum(acc_a3, axis=0), tl.sum(acc_a4, axis=0), tl.sum(acc_a5, axis=0)
+    acc_b1, acc_b2 = tl.sum(acc_b1, axis=0), tl.sum(acc_b2, axis=0)
+    acc_b3, acc_b4 = tl.sum(acc_b3, axis=0), tl.sum(acc_b4, axis=0)
     tl.store(out + cols, acc_gamma, mask=col_mask)
     tl.store(out + C + cols, acc_beta, mask=col_mask)
     group = tl.arange(0, GP)
@@ -312,22 +317,28 @@ def layout(channels: int, groups: int) -> dict:
 
 @functools.cache
 def forward_config(channels: int, groups: int) -> dict:
-    """Row tiles of ~4K padded elements (16 per thread at 8 warps) and at least one whole row."""
+    """Row tiles of ~16 padded elements per thread at 4 warps (best in bench_norm_rational.py --sweep on an
+    H200 at C = 192, 384, 768), more warps for wider rows."""
     lay = layout(channels, groups)
     padded = lay["GP"] * lay["GSP"]
-    return {"BLOCK_N": max(1, 4096 // padded), "num_warps": 8 if padded <= 4096 else 16}
+    num_warps = 4 if padded <= 1024 else (8 if padded <= 4096 else 16)
+    return {"BLOCK_N": max(1, 512 * num_warps // padded), "num_warps": num_warps}
+
+
+# (BLOCK_N, num_warps, programs_per_sm) by padded row width: the fastest of bench_norm_rational.py --sweep on an
+# H200 (Triton 3.6) at C = 192, 384, 768. Other widths: one row per tile, ~4 padded elements per thread.
+_BACKWARD_MEASURED = {256: (4, 4, 2), 512: (1, 4, 4), 1024: (1, 8, 2)}
 
 
 @functools.cache
 def backward_config(channels: int, groups: int) -> dict:
-    """~4 tile elements per thread and ~2 channels of each of the 12 accumulators per thread, which keeps a
-    program at <= ~128 registers (ptxas, sm_90) for C <= 2048 without spills; programs_per_sm = the programs
-    that fit an SM at once (16 warps), so the grid is one wave."""
+    """Each thread holds BLOCK_N * padded / (32 num_warps) tile elements and as many elements of each of the 12
+    accumulators; 2-8 keeps a program's registers without spills (ptxas, sm_90)."""
     lay = layout(channels, groups)
     padded = lay["GP"] * lay["GSP"]
-    num_warps = max(4, min(16, padded // 64))
-    block_n = max(1, 4 * 32 * num_warps // padded)
-    return {"BLOCK_N": block_n, "num_warps": num_warps, "programs_per_sm": 16 // num_warps}
+    num_warps = max(4, min(16, padded // 128))
+    block_n, num_warps, per_sm = _BACKWARD_MEASURED.get(padded, (1, num_warps, max(1, 16 // num_warps)))
+    return {"BLOCK_N": block_n, "num_warps": num_warps, "programs_per_sm": per_sm}
 
 
 _REDUCE = {"BLOCK_P": 64, "BLOCK_C": 64, "num_warps": 4}
