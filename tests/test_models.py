@@ -199,8 +199,9 @@ def test_mimetic_attention_init(weight_init):
 def kan_branch_variance_ratios(weight_init: str) -> list[float]:
     """Var(mlp output) / Var(mlp input) in each of kat_tiny's 12 blocks on a random batch at init."""
     torch.manual_seed(0)
+    # Unfused blocks, so that the hook sees the MLP's own input (the LayerNorm output); same function.
     model = timm.create_model(
-        "kat_tiny_patch16_224", img_size=32, patch_size=8, weight_init=weight_init
+        "kat_tiny_patch16_224", img_size=32, patch_size=8, weight_init=weight_init, fuse_norm_act=False
     ).eval()
     ratios = []
     for block in model.blocks:

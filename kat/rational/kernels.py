@@ -57,6 +57,57 @@ def _load_coefficients(num_ptr, den_ptr, group, num_row_stride, den_row_stride):
 
 
 @triton.jit
+def rational_value(x, a0, a1, a2, a3, a4, a5, c1, c2, c3, c4):
+    """F(x) = P(x) / Q(x) in fp32 (Horner); c_j = |b_j|. Shared with the fused LayerNorm kernels."""
+    ax = tl.abs(x)
+    p = (((((a5 * x + a4) * x + a3) * x + a2) * x + a1) * x) + a0
+    q = 1.0 + ax * (c1 + ax * (c2 + ax * (c3 + ax * c4)))
+    return p / q
+
+
+@triton.jit
+def rational_backward_terms(x, a0, a1, a2, a3, a4, a5, c1, c2, c3, c4):
+    """(F(x), 1/Q(x), Q(x) F'(x) = P'(x) - sign(x) Q'(|x|) F(x), |x|) in fp32, with sign(0) = +1."""
+    ax = tl.abs(x)
+    p = (((((a5 * x + a4) * x + a3) * x + a2) * x + a1) * x) + a0
+    dp = (((5.0 * a5 * x + 4.0 * a4) * x + 3.0 * a3) * x + 2.0 * a2) * x + a1  # P'(x)
+    q = 1.0 + ax * (c1 + ax * (c2 + ax * (c3 + ax * c4)))
+    dq = c1 + ax * (2.0 * c2 + ax * (3.0 * c3 + ax * (4.0 * c4)))  # dQ/d|x|
+    dq = tl.where(x >= 0, dq, -dq)  # sign(0) = +1
+    inv_q = 1.0 / q
+    f = p * inv_q
+    return f, inv_q, dp - dq * f, ax
+
+
+@triton.jit
+def accumulate_coefficient_terms(
+    g_over_q, f, x, ax, acc_a0, acc_a1, acc_a2, acc_a3, acc_a4, acc_a5, acc_b1, acc_b2, acc_b3, acc_b4
+):
+    """Adds the per-element coefficient-gradient terms g x^i / Q (i = 0..5) and g F |x|^j / Q (j = 1..4)."""
+    t = g_over_q
+    acc_a0 += t
+    t *= x
+    acc_a1 += t
+    t *= x
+    acc_a2 += t
+    t *= x
+    acc_a3 += t
+    t *= x
+    acc_a4 += t
+    t *= x
+    acc_a5 += t
+    u = g_over_q * f * ax
+    acc_b1 += u
+    u *= ax
+    acc_b2 += u
+    u *= ax
+    acc_b3 += u
+    u *= ax
+    acc_b4 += u
+    return acc_a0, acc_a1, acc_a2, acc_a3, acc_a4, acc_a5, acc_b1, acc_b2, acc_b3, acc_b4
+
+
+@triton.jit
 def _rational_forward_kernel(
     x_ptr, y_ptr, num_ptr, den_ptr, num_row_stride, den_row_stride,
     n_rows, n_cols,
@@ -70,10 +121,8 @@ def _rational_forward_kernel(
     offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
     mask = (rows < n_rows)[:, None] & col_mask[None, :]
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    ax = tl.abs(x)
-    p = (((((a5 * x + a4) * x + a3) * x + a2) * x + a1) * x) + a0
-    q = 1.0 + ax * (c1 + ax * (c2 + ax * (c3 + ax * c4)))
-    tl.store(y_ptr + offsets, (p / q).to(y_ptr.dtype.element_ty), mask=mask)
+    y = rational_value(x, a0, a1, a2, a3, a4, a5, c1, c2, c3, c4)
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -106,36 +155,27 @@ def _rational_backward_kernel(
         mask = (rows < n_rows)[:, None] & col_mask[None, :]
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)  # 0 where masked: adds nothing
-        ax = tl.abs(x)
-        p = (((((a5 * x + a4) * x + a3) * x + a2) * x + a1) * x) + a0
-        dp = (((5.0 * a5 * x + 4.0 * a4) * x + 3.0 * a3) * x + 2.0 * a2) * x + a1  # P'(x)
-        q = 1.0 + ax * (c1 + ax * (c2 + ax * (c3 + ax * c4)))
-        dq = c1 + ax * (2.0 * c2 + ax * (3.0 * c3 + ax * (4.0 * c4)))  # dQ/d|x|
-        dq = tl.where(x >= 0, dq, -dq)  # sign(0) = +1
-        inv_q = 1.0 / q
-        f = p * inv_q
+        f, inv_q, q_df, ax = rational_backward_terms(x, a0, a1, a2, a3, a4, a5, c1, c2, c3, c4)
         g_over_q = g * inv_q
-        tl.store(dx_ptr + offsets, (g_over_q * (dp - dq * f)).to(dx_ptr.dtype.element_ty), mask=mask)
-        t = g_over_q
-        acc_a0 += t
-        t *= x
-        acc_a1 += t
-        t *= x
-        acc_a2 += t
-        t *= x
-        acc_a3 += t
-        t *= x
-        acc_a4 += t
-        t *= x
-        acc_a5 += t
-        u = g_over_q * f * ax
-        acc_b1 += u
-        u *= ax
-        acc_b2 += u
-        u *= ax
-        acc_b3 += u
-        u *= ax
-        acc_b4 += u
+        tl.store(dx_ptr + offsets, (g_over_q * q_df).to(dx_ptr.dtype.element_ty), mask=mask)
+        acc_a0, acc_a1, acc_a2, acc_a3, acc_a4, acc_a5, acc_b1, acc_b2, acc_b3, acc_b4 = (
+            accumulate_coefficient_terms(
+                g_over_q,
+                f,
+                x,
+                ax,
+                acc_a0,
+                acc_a1,
+                acc_a2,
+                acc_a3,
+                acc_a4,
+                acc_a5,
+                acc_b1,
+                acc_b2,
+                acc_b3,
+                acc_b4,
+            )
+        )
     # partial[pid_n, block, k]: this program's sum of term k over its tile (one group, no atomics).
     out = partial_ptr + (pid_n * tl.num_programs(0) + block) * 10
     tl.store(out + 0, tl.sum(tl.sum(acc_a0, axis=1), axis=0))

@@ -29,6 +29,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kat.rational.kernels import accumulate_coefficient_terms, rational_backward_terms, rational_value
+
 try:  # triton >= 3.0
     from triton.runtime.interpreter import InterpretedFunction
 except ImportError:  # pragma: no cover
@@ -107,10 +109,8 @@ def _forward_kernel(
     c2 = tl.abs(_coefficient(den_ptr, 1, DEN_ROW_STRIDE, G, GP))
     c3 = tl.abs(_coefficient(den_ptr, 2, DEN_ROW_STRIDE, G, GP))
     c4 = tl.abs(_coefficient(den_ptr, 3, DEN_ROW_STRIDE, G, GP))
-    ah = tl.abs(h)
-    p = ((((a5 * h + a4) * h + a3) * h + a2) * h + a1) * h + a0
-    q = 1.0 + ah * (c1 + ah * (c2 + ah * (c3 + ah * c4)))
-    tl.store(y_ptr + offsets, (p / q).to(y_ptr.dtype.element_ty), mask=mask)
+    y = rational_value(h, a0, a1, a2, a3, a4, a5, c1, c2, c3, c4)
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
     row_mask = rows < n_rows
     tl.store(mean_ptr + rows, mean, mask=row_mask)
     tl.store(rstd_ptr + rows, rstd, mask=row_mask)
@@ -159,16 +159,9 @@ def _backward_kernel(
         rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)[:, None, None]
         xhat = tl.where(mask, (x - mean) * rstd, 0.0)
         h = _affine(xhat, w_ptr, b_ptr, cols, col_mask, HAS_WEIGHT, HAS_BIAS)
-        ah = tl.abs(h)
-        p = ((((a5 * h + a4) * h + a3) * h + a2) * h + a1) * h + a0
-        dp = (((5.0 * a5 * h + 4.0 * a4) * h + 3.0 * a3) * h + 2.0 * a2) * h + a1  # P'(h)
-        q = 1.0 + ah * (c1 + ah * (c2 + ah * (c3 + ah * c4)))
-        dq = c1 + ah * (2.0 * c2 + ah * (3.0 * c3 + ah * (4.0 * c4)))  # dQ/d|h|
-        dq = tl.where(h >= 0, dq, -dq)  # sign(0) = +1
-        inv_q = 1.0 / q
-        f = p * inv_q
+        f, inv_q, q_df, ah = rational_backward_terms(h, a0, a1, a2, a3, a4, a5, c1, c2, c3, c4)
         dy_over_q = dy * inv_q
-        dh = dy_over_q * (dp - dq * f)
+        dh = dy_over_q * q_df
 
         # LayerNorm backward of row r: dx = rstd (g - mean_c(g) - xhat mean_c(g xhat)), g = dh gamma.
         acc_gamma += dh * xhat
@@ -181,26 +174,24 @@ def _backward_kernel(
         dx = rstd * (g - mean_g[:, None, None] - xhat * mean_gx[:, None, None])
         tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
-        t = dy_over_q
-        acc_a0 += t
-        t *= h
-        acc_a1 += t
-        t *= h
-        acc_a2 += t
-        t *= h
-        acc_a3 += t
-        t *= h
-        acc_a4 += t
-        t *= h
-        acc_a5 += t
-        u = dy_over_q * f * ah
-        acc_b1 += u
-        u *= ah
-        acc_b2 += u
-        u *= ah
-        acc_b3 += u
-        u *= ah
-        acc_b4 += u
+        acc_a0, acc_a1, acc_a2, acc_a3, acc_a4, acc_a5, acc_b1, acc_b2, acc_b3, acc_b4 = (
+            accumulate_coefficient_terms(
+                dy_over_q,
+                f,
+                h,
+                ah,
+                acc_a0,
+                acc_a1,
+                acc_a2,
+                acc_a3,
+                acc_a4,
+                acc_a5,
+                acc_b1,
+                acc_b2,
+                acc_b3,
+                acc_b4,
+            )
+        )
 
     # Row `program` of the partials: [d_gamma (C) | d_beta (C) | term k of group g at 2C + k G + g].
     out = partial_ptr + tl.program_id(0) * (2 * C + 10 * G)
