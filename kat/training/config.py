@@ -42,6 +42,12 @@ class TrainConfig:
     drop_path: float = _doc("stochastic depth rate (recipe: 0.1 for T/S, 0.4 for B)", 0.1)
     num_classes: int | None = _doc("number of classes; null = the number of class folders in train/", None)
     compile: bool = _doc("torch.compile the model (inductor)", False)
+    init_from: str | None = _doc(
+        "fresh runs start from these weights (ignored on resume): a timm ViT .safetensors/.pth of the model's "
+        "size (KAT*: needs model_kwargs.act_init gelu), a KAT weights file, or one of our run/checkpoint "
+        "directories; a head of another class count is reset; null = random init",
+        None,
+    )
 
     # data
     data_dir: str = _doc("ImageFolder root holding train/<class>/* and val/<class>/*", "data/imagenet")
@@ -83,6 +89,11 @@ class TrainConfig:
     weight_decay: float = _doc("decoupled weight decay (not applied to biases, norms, embeddings)", 0.05)
     opt_betas: list[float] = _doc_factory("Adam betas", lambda: [0.9, 0.999])
     opt_eps: float = _doc("Adam epsilon", 1e-8)
+    layer_decay: float | None = _doc(
+        "layer-wise lr decay for fine-tuning (timm, via the model's group_matcher): the head keeps lr, each "
+        "layer below gets this factor more; null = off",
+        None,
+    )
     clip_grad: float | None = _doc(
         "clip the global grad norm to this; null = no clipping (norm still logged)", None
     )
@@ -238,7 +249,16 @@ def _flag_value(text: str, key: str | None = None):
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-    takes_text = key is not None and (_TYPES[key] is str or str in typing.get_args(_TYPES[key]))
+    annotation = _TYPES[key] if key is not None else None
+    takes_text = key is not None and (
+        annotation is str
+        or str in typing.get_args(annotation)
+        # Literal choices: `--mixed_precision no` means 'no', not YAML's False
+        or (
+            typing.get_origin(annotation) is Literal
+            and all(isinstance(a, str) for a in typing.get_args(annotation))
+        )
+    )
     if takes_text and isinstance(value, int | float | bool):
         return text
     return value
@@ -306,6 +326,8 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, key)
         if value is not None and value < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    if cfg.layer_decay is not None and not 0 < cfg.layer_decay <= 1:
+        raise ConfigError(f"config key 'layer_decay' must be in (0, 1] (e.g. 0.65), got {cfg.layer_decay}")
     if cfg.workers < 0 or cfg.max_bad_images < 0:
         raise ConfigError("config keys 'workers' and 'max_bad_images' must be >= 0")
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:

@@ -38,7 +38,9 @@ from kat.data import (
     resolve_data_config,
 )
 from kat.evaluation import evaluate
-from kat.rational import active_backend
+from kat.models.from_vit import is_kat_state_dict, kat_from_vit, load_weights_except_head
+from kat.models.pretrained import load_checkpoint_file
+from kat.rational import GroupRational, active_backend
 from kat.training.checkpoint import (
     checkpoint_name,
     list_checkpoints,
@@ -76,6 +78,40 @@ def create_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
         raise ConfigError(
             f"config key 'model_kwargs' {cfg.model_kwargs} is not accepted by {cfg.model}: {error}"
         ) from error
+
+
+def init_weights_from(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """Load `cfg.init_from` into a fresh model: our run/checkpoint dir, a KAT weights file, or a ViT's (KAT*).
+
+    Everything but the head must fit; a head of another class count keeps its fresh init (fine-tuning).
+    """
+    path = Path(cfg.init_from)
+    is_kat = any(isinstance(m, GroupRational) for m in model.modules())
+    try:
+        if path.is_dir():
+            source = resolve_checkpoint(path)
+            state_dict, _ = read_checkpoint(source)
+            head = load_weights_except_head(model, state_dict, str(source))
+        elif path.suffix == ".npz":
+            raise ValueError(
+                f"{path}: JAX .npz checkpoints are not read directly. Convert once with timm: m = timm.create_model("
+                "'vit_small_patch16_224', num_classes=1000); m.load_pretrained('x.npz'); safetensors.torch."
+                "save_file(m.state_dict(), 'x.safetensors'), then set init_from to the .safetensors file"
+            )
+        else:
+            state_dict = load_checkpoint_file(path)
+            if is_kat and not is_kat_state_dict(state_dict):
+                if getattr(model, "act_init", None) != "gelu":
+                    raise ValueError(
+                        f"{path} holds ViT weights (no rational coefficients): KAT* sets every act2 to GELU, the "
+                        "ViT's activation, so the run must say so: set model_kwargs.act_init: gelu"
+                    )
+                head = kat_from_vit(model, state_dict, str(path))
+            else:
+                head = load_weights_except_head(model, state_dict, str(path))
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"config key 'init_from': {error}") from error
+    logger.info("initialised from %s (%s)", path, "all weights" if head else "all but the head")
 
 
 def rng_state() -> dict:
@@ -144,14 +180,21 @@ class Trainer:
                 f"num_classes: {cfg.num_classes}, but {cfg.data_dir}/train has {self.num_classes} classes"
             )
         set_seed(cfg.seed)  # the same initial weights on every process
-        model = create_model(cfg, self.num_classes).to(self.device)
+        model = create_model(cfg, self.num_classes)
+        if cfg.init_from and resume_dir is None:  # a resumed run has its own weights
+            init_weights_from(model, cfg)
+        model = model.to(self.device)
         set_seed(cfg.seed, device_specific=True)  # different augmentation on every process
         self.data_config = resolve_data_config(model, cfg)
         self._build_data()
 
         self.lr = cfg.scaled_lr(accelerator.num_processes)
         adam = dict(betas=tuple(cfg.opt_betas), eps=cfg.opt_eps) if "adam" in cfg.opt.lower() else {}
-        optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay, **adam)
+        # layer_decay: timm puts each group_matcher layer in a param group with an 'lr_scale' that its schedulers
+        # apply at every update.
+        optimizer = create_optimizer_v2(
+            model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay, **adam
+        )
         self.scheduler, _ = create_scheduler_v2(
             optimizer,
             sched="cosine",
@@ -429,7 +472,7 @@ class Trainer:
                 accelerator.backward(loss / cfg.grad_accum_steps)
             step_loss += loss.detach() / cfg.grad_accum_steps
         grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), cfg.clip_grad or math.inf)
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = max(group["lr"] for group in self.optimizer.param_groups)  # the head's when layer_decay is on
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
