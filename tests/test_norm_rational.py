@@ -5,6 +5,7 @@ determinism, autocast output dtype, saved tensors, the custom ops and input erro
 import pytest
 import torch
 
+from kat.rational import kernels as rational_kernels
 from kat.rational import norm_rational_kernels
 from kat.rational import reference as rational_reference
 from kat.rational.norm_rational import (
@@ -353,6 +354,6 @@ def test_input_errors(kwargs, error, match):
 
 
 def test_triton_needs_interpreter_on_cpu(monkeypatch):
-    monkeypatch.setattr(norm_rational_kernels, "INTERPRETED", False)  # as if TRITON_INTERPRET was not set
+    monkeypatch.setattr(rational_kernels, "INTERPRETED", False)  # as if TRITON_INTERPRET was not set
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         layer_norm_rational(torch.zeros(2, 16), None, None, EPS, backend="triton", **C16)

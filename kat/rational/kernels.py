@@ -257,7 +257,8 @@ def backward_config(group_size: int) -> dict:
 _SM_COUNT: dict[int, int] = {}
 
 
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (cached); a small stand-in for CPU tensors under the interpreter."""
     if device.type != "cuda":
         return _INTERPRETER_PROGRAMS
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -272,18 +273,23 @@ def _check_runnable(x: Tensor) -> None:
             f"group_rational backend='triton' supports float32, bfloat16 and float16 x, got {x.dtype}; "
             "use backend='torch' for float64"
         )
+    check_device(x, "group_rational")
+
+
+def check_device(x: Tensor, op_name: str) -> None:
+    """Errors for a device the Triton kernels cannot run on (shared with the fused LayerNorm kernels)."""
     if x.device.type == "cpu" and not INTERPRETED:
         raise RuntimeError(
-            "group_rational backend='triton' on a CPU tensor needs the Triton interpreter: set the environment "
+            f"{op_name} backend='triton' on a CPU tensor needs the Triton interpreter: set the environment "
             "variable TRITON_INTERPRET=1 before triton is first imported (e.g. before `import kat`), move x to "
             "a CUDA device, or use backend='torch'"
         )
     if x.device.type not in ("cpu", "cuda"):
-        raise RuntimeError(f"group_rational backend='triton' does not support {x.device.type} tensors")
+        raise RuntimeError(f"{op_name} backend='triton' does not support {x.device.type} tensors")
 
 
-def _device_guard(device: torch.device):
-    # Launch on x's device (Triton launches on the current device; kernels on cuda:1 need this guard).
+def device_guard(device: torch.device):
+    """Launch on x's device: Triton launches on the current device, so kernels on cuda:1 need this guard."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
@@ -318,7 +324,7 @@ def rational_forward(x: Tensor, numerator: Tensor, denominator: Tensor, config: 
         cfg = config or forward_config(x.shape[-1] // groups)
         args, constants, n_blocks = _launch_args(x2d, numerator, denominator, cfg["BLOCK_C"])
         grid = (triton.cdiv(x2d.shape[0], cfg["BLOCK_N"]), n_blocks)  # rows on axis 0: no 65535 limit
-        with _device_guard(x.device):
+        with device_guard(x.device):
             _rational_forward_kernel[grid](
                 x2d, y, *args, **constants, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"]
             )
@@ -337,13 +343,13 @@ def rational_backward(
     cfg = config or backward_config(x.shape[-1] // groups)
     args, constants, n_blocks = _launch_args(x2d, numerator, denominator, cfg["BLOCK_C"])
     n_row_tiles = triton.cdiv(x2d.shape[0], cfg["BLOCK_N"])
-    n_row_programs = max(1, min(n_row_tiles, _num_sms(x.device) * cfg["programs_per_sm"] // n_blocks))
+    n_row_programs = max(1, min(n_row_tiles, num_sms(x.device) * cfg["programs_per_sm"] // n_blocks))
     partials = torch.empty(n_row_programs, n_blocks, 10, device=x.device, dtype=torch.float32)
     d_num = torch.empty(numerator.shape, device=x.device, dtype=torch.float32)
     d_den = torch.empty(denominator.shape, device=x.device, dtype=torch.float32)
     if x.numel() == 0:
         partials.zero_()
-    with _device_guard(x.device):
+    with device_guard(x.device):
         if x.numel() > 0:
             _rational_backward_kernel[(n_blocks, n_row_programs)](
                 grad2d, x2d, dx, partials, *args, n_row_tiles,

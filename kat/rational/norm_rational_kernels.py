@@ -21,7 +21,6 @@ Tile sizes come from a fixed heuristic of the padded channel count, not triton.a
 different configs in different processes, which would change the reduction order (and the bits).
 """
 
-import contextlib
 import functools
 
 import torch
@@ -29,7 +28,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kat.rational.kernels import accumulate_coefficient_terms, rational_backward_terms, rational_value
+from kat.rational.kernels import (
+    accumulate_coefficient_terms,
+    check_device,
+    device_guard,
+    num_sms,
+    rational_backward_terms,
+    rational_value,
+)
 
 try:  # triton >= 3.0
     from triton.runtime.interpreter import InterpretedFunction
@@ -333,17 +339,13 @@ def backward_config(channels: int, groups: int) -> dict:
 
 
 _REDUCE = {"BLOCK_P": 64, "BLOCK_C": 64, "num_warps": 4}
-_SM_COUNT: dict[int, int] = {}
 
 
 def _num_programs(device: torch.device, programs_per_sm: int) -> int:
     """Backward grid size (before capping at the number of row tiles)."""
     if device.type != "cuda":
         return _INTERPRETER_PROGRAMS
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index] * programs_per_sm
+    return num_sms(device) * programs_per_sm
 
 
 def check_runnable(x: Tensor, out_dtype: torch.dtype) -> None:
@@ -359,19 +361,7 @@ def check_runnable(x: Tensor, out_dtype: torch.dtype) -> None:
             f"layer_norm_rational backend='triton' supports up to {MAX_CHANNELS} channels, got "
             f"{x.shape[-1]}; use backend='torch' (or the unfused LayerNorm + group_rational)"
         )
-    if x.device.type == "cpu" and not INTERPRETED:
-        raise RuntimeError(
-            "layer_norm_rational backend='triton' on a CPU tensor needs the Triton interpreter: set the "
-            "environment variable TRITON_INTERPRET=1 before triton is first imported (e.g. before `import "
-            "kat`), move x to a CUDA device, or use backend='torch'"
-        )
-    if x.device.type not in ("cpu", "cuda"):
-        raise RuntimeError(f"layer_norm_rational backend='triton' does not support {x.device.type} tensors")
-
-
-def _device_guard(device: torch.device):
-    # Triton launches on the current device: kernels for a tensor on cuda:1 need this guard.
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    check_device(x, "layer_norm_rational")
 
 
 def _contiguous(t: Tensor | None) -> Tensor | None:
@@ -420,7 +410,7 @@ def forward(
         groups = max(numerator.shape[0], denominator.shape[0])
         cfg = config or forward_config(x.shape[-1], groups)
         pointers, constants = _parameter_args(x, weight, bias, numerator, denominator)
-        with _device_guard(x.device):
+        with device_guard(x.device):
             _forward_kernel[(triton.cdiv(n_rows, cfg["BLOCK_N"]),)](
                 x, *pointers, y, mean, rstd, n_rows, eps,
                 **constants, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
@@ -460,7 +450,7 @@ def backward(
     d_den = torch.empty(denominator.shape, dtype=torch.float32, device=device)
     pointers, constants = _parameter_args(x, weight, bias, numerator, denominator)
     channel_blocks = triton.cdiv(channels, _REDUCE["BLOCK_C"])
-    with _device_guard(device):
+    with device_guard(device):
         if n_programs > 0:
             _backward_kernel[(n_programs,)](
                 x, grad_output, *pointers, mean, rstd, dx, partials, n_rows, n_tiles,
