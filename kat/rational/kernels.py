@@ -158,24 +158,9 @@ def _rational_backward_kernel(
         f, inv_q, q_df, ax = rational_backward_terms(x, a0, a1, a2, a3, a4, a5, c1, c2, c3, c4)
         g_over_q = g * inv_q
         tl.store(dx_ptr + offsets, (g_over_q * q_df).to(dx_ptr.dtype.element_ty), mask=mask)
-        acc_a0, acc_a1, acc_a2, acc_a3, acc_a4, acc_a5, acc_b1, acc_b2, acc_b3, acc_b4 = (
-            accumulate_coefficient_terms(
-                g_over_q,
-                f,
-                x,
-                ax,
-                acc_a0,
-                acc_a1,
-                acc_a2,
-                acc_a3,
-                acc_a4,
-                acc_a5,
-                acc_b1,
-                acc_b2,
-                acc_b3,
-                acc_b4,
-            )
-        )
+        acc_a0, acc_a1, acc_a2, acc_a3, acc_a4, acc_a5, acc_b1, acc_b2, acc_b3, acc_b4 = accumulate_coefficient_terms(
+            g_over_q, f, x, ax, acc_a0, acc_a1, acc_a2, acc_a3, acc_a4, acc_a5, acc_b1, acc_b2, acc_b3, acc_b4
+        )  # fmt: skip
     # partial[pid_n, block, k]: this program's sum of term k over its tile (one group, no atomics).
     out = partial_ptr + (pid_n * tl.num_programs(0) + block) * 10
     tl.store(out + 0, tl.sum(tl.sum(acc_a0, axis=1), axis=0))

@@ -72,6 +72,22 @@ def _coefficient(ptr, k, row_stride, G: tl.constexpr, GP: tl.constexpr):
 
 
 @triton.jit
+def _coefficients(num_ptr, den_ptr, NUM_ROW_STRIDE, DEN_ROW_STRIDE, G: tl.constexpr, GP: tl.constexpr):
+    """a_0..a_5 and c_j = |b_j| of every group, each [1, GP, 1] (fp32)."""
+    a0 = _coefficient(num_ptr, 0, NUM_ROW_STRIDE, G, GP)
+    a1 = _coefficient(num_ptr, 1, NUM_ROW_STRIDE, G, GP)
+    a2 = _coefficient(num_ptr, 2, NUM_ROW_STRIDE, G, GP)
+    a3 = _coefficient(num_ptr, 3, NUM_ROW_STRIDE, G, GP)
+    a4 = _coefficient(num_ptr, 4, NUM_ROW_STRIDE, G, GP)
+    a5 = _coefficient(num_ptr, 5, NUM_ROW_STRIDE, G, GP)
+    c1 = tl.abs(_coefficient(den_ptr, 0, DEN_ROW_STRIDE, G, GP))
+    c2 = tl.abs(_coefficient(den_ptr, 1, DEN_ROW_STRIDE, G, GP))
+    c3 = tl.abs(_coefficient(den_ptr, 2, DEN_ROW_STRIDE, G, GP))
+    c4 = tl.abs(_coefficient(den_ptr, 3, DEN_ROW_STRIDE, G, GP))
+    return a0, a1, a2, a3, a4, a5, c1, c2, c3, c4
+
+
+@triton.jit
 def _channel_vector(ptr, cols, col_mask):
     """A per-channel parameter (gamma or beta) as fp32 [1, GP, GSP]; 0 in padded lanes."""
     return tl.load(ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :, :]
@@ -105,16 +121,7 @@ def _forward_kernel(
     rstd = 1.0 / tl.sqrt_rn(var + eps)
     h = _affine(centered * rstd[:, None, None], w_ptr, b_ptr, cols, col_mask, HAS_WEIGHT, HAS_BIAS)
 
-    a0 = _coefficient(num_ptr, 0, NUM_ROW_STRIDE, G, GP)
-    a1 = _coefficient(num_ptr, 1, NUM_ROW_STRIDE, G, GP)
-    a2 = _coefficient(num_ptr, 2, NUM_ROW_STRIDE, G, GP)
-    a3 = _coefficient(num_ptr, 3, NUM_ROW_STRIDE, G, GP)
-    a4 = _coefficient(num_ptr, 4, NUM_ROW_STRIDE, G, GP)
-    a5 = _coefficient(num_ptr, 5, NUM_ROW_STRIDE, G, GP)
-    c1 = tl.abs(_coefficient(den_ptr, 0, DEN_ROW_STRIDE, G, GP))
-    c2 = tl.abs(_coefficient(den_ptr, 1, DEN_ROW_STRIDE, G, GP))
-    c3 = tl.abs(_coefficient(den_ptr, 2, DEN_ROW_STRIDE, G, GP))
-    c4 = tl.abs(_coefficient(den_ptr, 3, DEN_ROW_STRIDE, G, GP))
+    a0, a1, a2, a3, a4, a5, c1, c2, c3, c4 = _coefficients(num_ptr, den_ptr, NUM_ROW_STRIDE, DEN_ROW_STRIDE, G, GP)
     y = rational_value(h, a0, a1, a2, a3, a4, a5, c1, c2, c3, c4)
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
     row_mask = rows < n_rows
@@ -132,16 +139,7 @@ def _backward_kernel(
 ):  # fmt: skip
     C = G * GS
     cols, col_mask = _channels(G, GS, GP, GSP)
-    a0 = _coefficient(num_ptr, 0, NUM_ROW_STRIDE, G, GP)
-    a1 = _coefficient(num_ptr, 1, NUM_ROW_STRIDE, G, GP)
-    a2 = _coefficient(num_ptr, 2, NUM_ROW_STRIDE, G, GP)
-    a3 = _coefficient(num_ptr, 3, NUM_ROW_STRIDE, G, GP)
-    a4 = _coefficient(num_ptr, 4, NUM_ROW_STRIDE, G, GP)
-    a5 = _coefficient(num_ptr, 5, NUM_ROW_STRIDE, G, GP)
-    c1 = tl.abs(_coefficient(den_ptr, 0, DEN_ROW_STRIDE, G, GP))
-    c2 = tl.abs(_coefficient(den_ptr, 1, DEN_ROW_STRIDE, G, GP))
-    c3 = tl.abs(_coefficient(den_ptr, 2, DEN_ROW_STRIDE, G, GP))
-    c4 = tl.abs(_coefficient(den_ptr, 3, DEN_ROW_STRIDE, G, GP))
+    a0, a1, a2, a3, a4, a5, c1, c2, c3, c4 = _coefficients(num_ptr, den_ptr, NUM_ROW_STRIDE, DEN_ROW_STRIDE, G, GP)
     # Elementwise running sums over this program's row tiles (reduced over rows once, after the loop): d_gamma, d_beta terms, then dy h^i / Q (i = 0..5)
     # and dy F |h|^j / Q (j = 1..4).
     acc_gamma = tl.zeros((BLOCK_N, GP, GSP), tl.float32)
@@ -180,24 +178,9 @@ def _backward_kernel(
         dx = rstd * (g - mean_g[:, None, None] - xhat * mean_gx[:, None, None])
         tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
-        acc_a0, acc_a1, acc_a2, acc_a3, acc_a4, acc_a5, acc_b1, acc_b2, acc_b3, acc_b4 = (
-            accumulate_coefficient_terms(
-                dy_over_q,
-                f,
-                h,
-                ah,
-                acc_a0,
-                acc_a1,
-                acc_a2,
-                acc_a3,
-                acc_a4,
-                acc_a5,
-                acc_b1,
-                acc_b2,
-                acc_b3,
-                acc_b4,
-            )
-        )
+        acc_a0, acc_a1, acc_a2, acc_a3, acc_a4, acc_a5, acc_b1, acc_b2, acc_b3, acc_b4 = accumulate_coefficient_terms(
+            dy_over_q, f, h, ah, acc_a0, acc_a1, acc_a2, acc_a3, acc_a4, acc_a5, acc_b1, acc_b2, acc_b3, acc_b4
+        )  # fmt: skip
 
     # Row `program` of the partials: [d_gamma (C) | d_beta (C) | term k of group g at 2C + k G + g].
     out = partial_ptr + tl.program_id(0) * (2 * C + 10 * G)
