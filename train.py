@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from kat.data import DataError
-    from kat.training.loop import train  # heavy imports only after the config is known to be good
+    from kat.training.loop import TrainingStopped, train  # heavy imports only once the config is good
 
     try:
         with logging_redirect_tqdm():
@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrainingStopped as stop:  # non-finite loss (3), SIGTERM (143), SIGINT (130): see docs/ERRORS.md
+        print(f"stopped: {stop}", file=sys.stderr)
+        return stop.exit_code
     return 0
 
 

@@ -113,5 +113,5 @@ def test_init_from_errors_name_the_key(tmp_path, source_run):
     assert torch.equal(trainer.raw_model.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
     assert trainer.raw_model.blocks[0].mlp.act2.init == "gelu"
 
-    with pytest.raises(ConfigError, match=r"init_from.*\.npz checkpoints are not read directly"):
+    with pytest.raises(ConfigError, match=r"init_from.*vit\.npz does not exist"):
         Trainer(finetune_config(tmp_path, tmp_path / "vit.npz", "--run_name", "npz"))

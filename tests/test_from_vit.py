@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -9,9 +10,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 import kat  # noqa: F401  (registers the KAT models)
-from kat.models.from_vit import kat_from_vit
+from kat.models.from_vit import kat_from_vit, vit_from_npz, vit_from_timm_name
 from kat.models.pretrained import CheckpointMismatchError, load_checkpoint_file
 from kat.rational.coefficients import init_coefficients
+from kat.training.config import ConfigError, TrainConfig
+from kat.training.loop import init_weights_from
 
 SMALL = dict(img_size=32, depth=2, num_classes=10)
 
@@ -88,3 +91,104 @@ def test_conversion_names_mismatched_keys():
         kat_from_vit(model, wide.state_dict())
     with pytest.raises(ValueError, match="KAT checkpoint, not a ViT"):
         kat_from_vit(model, model.state_dict())
+
+
+def save_augreg_npz(vit: nn.Module, path) -> None:
+    """Write a timm ViT as Google's augreg .npz (the layout timm's _load_weights reads), inverting its transposes:
+    conv kernels HWIO, dense kernels [in, out], attention kernels [D, heads, head_dim] / out [heads, head_dim, D]."""
+    d, heads = vit.embed_dim, vit.blocks[0].attn.num_heads
+    arrays = {
+        "embedding/kernel": vit.patch_embed.proj.weight.permute(2, 3, 1, 0),
+        "embedding/bias": vit.patch_embed.proj.bias,
+        "cls": vit.cls_token,
+        "Transformer/posembed_input/pos_embedding": vit.pos_embed,
+        "Transformer/encoder_norm/scale": vit.norm.weight,
+        "Transformer/encoder_norm/bias": vit.norm.bias,
+        "head/kernel": vit.head.weight.T,
+        "head/bias": vit.head.bias,
+    }
+    for i, block in enumerate(vit.blocks):
+        p = f"Transformer/encoderblock_{i}/"
+        for norm, name in ((block.norm1, "LayerNorm_0"), (block.norm2, "LayerNorm_2")):
+            arrays[f"{p}{name}/scale"], arrays[f"{p}{name}/bias"] = norm.weight, norm.bias
+        mha = f"{p}MultiHeadDotProductAttention_1/"
+        for n, w, b in zip(
+            ("query", "key", "value"), block.attn.qkv.weight.chunk(3), block.attn.qkv.bias.chunk(3)
+        ):
+            arrays[f"{mha}{n}/kernel"] = w.T.reshape(d, heads, -1)
+            arrays[f"{mha}{n}/bias"] = b.reshape(heads, -1)
+        arrays[f"{mha}out/kernel"] = block.attn.proj.weight.reshape(d, heads, -1).permute(1, 2, 0)
+        arrays[f"{mha}out/bias"] = block.attn.proj.bias
+        for r, fc in enumerate((block.mlp.fc1, block.mlp.fc2)):
+            arrays[f"{p}MlpBlock_3/Dense_{r}/kernel"] = fc.weight.T
+            arrays[f"{p}MlpBlock_3/Dense_{r}/bias"] = fc.bias
+    np.savez(path, **{k: v.detach().numpy() for k, v in arrays.items()})
+
+
+NPZ_VIT = dict(img_size=32, patch_size=8, embed_dim=48, num_heads=3, depth=2, num_classes=10)
+
+
+def test_npz_read_by_timm_round_trips_and_converts(tmp_path):
+    vit = trained_like_vit(**NPZ_VIT)
+    save_augreg_npz(vit, tmp_path / "vit.npz")
+    loaded = vit_from_npz(tmp_path / "vit.npz")  # size read off the arrays, weights read by timm
+    assert (loaded.embed_dim, len(loaded.blocks), loaded.blocks[0].attn.num_heads) == (48, 2, 3)
+    assert loaded.patch_embed.grid_size == (4, 4) and loaded.num_classes == 10
+    own = vit.state_dict()
+    assert loaded.state_dict().keys() == own.keys()
+    assert all(torch.equal(v, own[k]) for k, v in loaded.state_dict().items()), "npz did not round-trip"
+
+    kat_kwargs = {k: v for k, v in NPZ_VIT.items() if k != "depth"}
+    model = timm.create_model("kat_tiny", depth=2, **kat_kwargs, act_init="gelu").eval()
+    assert kat_from_vit(model, loaded.state_dict(), "vit.npz") is True
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (model(x) - vit(x)).abs().max() < 1e-2  # act2's GELU fit error only, as above
+
+    deeper = timm.create_model("kat_tiny", depth=3, **kat_kwargs, act_init="gelu")
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)vit\.npz.*keys missing.*blocks\.2\."):
+        kat_from_vit(deeper, loaded.state_dict(), "vit.npz")  # timm's reader alone would fill 2 of 3 blocks
+    np.savez(tmp_path / "other.npz", weights=np.zeros(3))
+    with pytest.raises(ValueError, match=r"other\.npz is not a ViT \.npz in the augreg layout"):
+        vit_from_npz(tmp_path / "other.npz")
+
+
+def test_timm_name_with_local_file(tmp_path):
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224")  # full size: a name means the name's architecture
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, tmp_path / "vit.safetensors")
+    save_augreg_npz(vit, tmp_path / "vit.npz")
+    for file in ("vit.safetensors", "vit.npz"):
+        loaded = vit_from_timm_name("vit_tiny_patch16_224", tmp_path / file)
+        assert all(torch.equal(v, vit.state_dict()[k]) for k, v in loaded.state_dict().items()), file
+
+    with pytest.raises(ValueError, match=r"runs never download weights.*set init_from_file"):
+        vit_from_timm_name("vit_tiny_patch16_224", None)
+    with pytest.raises(
+        ValueError, match=r"vit\.safetensors does not hold the weights of timm model 'vit_small"
+    ):
+        vit_from_timm_name("vit_small_patch16_224", tmp_path / "vit.safetensors")
+    with pytest.raises(ValueError, match="neither an existing file or directory nor a timm model name"):
+        vit_from_timm_name("vit_tinny_patch16_224", tmp_path / "vit.safetensors")
+
+
+def test_init_from_config_keys(tmp_path):
+    """The config route (loop.init_weights_from): .npz path, name + init_from_file, and their errors."""
+    vit = trained_like_vit(**NPZ_VIT)
+    save_augreg_npz(vit, tmp_path / "vit.npz")
+    kat_kwargs = {k: v for k, v in NPZ_VIT.items() if k != "num_classes"}
+    model = timm.create_model("kat_tiny", **kat_kwargs, num_classes=3, act_init="gelu")
+    init_weights_from(model, TrainConfig(init_from=str(tmp_path / "vit.npz")))
+    assert torch.equal(model.blocks[1].attn.qkv.weight, vit.blocks[1].attn.qkv.weight)
+    assert model.blocks[1].mlp.act2.init == "gelu" and model.blocks[1].mlp.act1.init == "identity"
+
+    with pytest.raises(ConfigError, match=r"init_from.*runs never download weights"):
+        init_weights_from(model, TrainConfig(init_from="vit_tiny_patch16_224"))
+    with pytest.raises(
+        ConfigError, match=r"init_from_file .* is only read when init_from is a timm model name"
+    ):
+        init_weights_from(model, TrainConfig(init_from=str(tmp_path / "vit.npz"), init_from_file="x.pth"))
+    with pytest.raises(ConfigError, match=r"init_from.*vit\.npz holds ViT weights.*act_init: gelu"):
+        init_weights_from(
+            timm.create_model("kat_tiny", **kat_kwargs), TrainConfig(init_from=str(tmp_path / "vit.npz"))
+        )

@@ -7,14 +7,28 @@ converted KAT computes the ViT's function up to that fit error, and training con
 
 `load_weights_except_head` is the shared last step, also used for our own checkpoints and published KAT files:
 everything must fit exactly, except a classifier with another class count, which keeps the model's fresh init.
+
+ViT weights come as a state dict (.safetensors/.pth), as a JAX `.npz` (Google's augreg release) or as a timm
+model name plus a local file; the last two are read by timm into a timm ViT (`vit_from_npz`,
+`vit_from_timm_name`), whose state dict then converts like any other. Nothing is downloaded.
 """
 
 import logging
+import math
+from pathlib import Path
 
+import numpy as np
+import timm
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from kat.models.pretrained import CheckpointMismatchError, checkpoint_filter_fn, unwrap_state_dict
+from kat.models.pretrained import (
+    CheckpointMismatchError,
+    checkpoint_filter_fn,
+    load_checkpoint_file,
+    unwrap_state_dict,
+)
 from kat.rational import GroupRational
 from kat.rational.coefficients import init_coefficients
 
@@ -97,3 +111,88 @@ def kat_from_vit(
         state_dict[f"{name}.weight_denominator"] = torch.tensor(denominator).expand(module.groups, 4).clone()
         module.init = init  # reset_parameters() and the repr then say what the activation now is
     return load_weights_except_head(kat_model, state_dict, source)
+
+
+def _npz_vit_kwargs(weights: np.lib.npyio.NpzFile, path: Path) -> dict:
+    """VisionTransformer kwargs of the ViT stored in an augreg-layout .npz, read off its array shapes.
+
+    timm's npz loader reads as many blocks as the model it fills has and skips a head of another size, so the
+    ViT is built from the file's own shapes: every array is then read, and kat_from_vit compares the ViT with
+    the KAT key for key.
+    """
+    keys = set(weights.files)
+    prefix = next((p for p in ("", "opt/target/", "params/") if f"{p}embedding/kernel" in keys), None)
+    if prefix is None or f"{prefix}Transformer/posembed_input/pos_embedding" not in keys:
+        raise ValueError(
+            f"{path} is not a ViT .npz in the augreg layout timm reads (no 'embedding/kernel' and "
+            "'Transformer/posembed_input/pos_embedding' arrays; big_vision's stacked layout is not supported)"
+        )
+    if f"{prefix}cls" not in keys:
+        raise ValueError(f"{path} holds a ViT without class token ('cls'); a KAT has one")
+    blocks = f"{prefix}Transformer/encoderblock_"
+    depth = len({key[len(blocks) :].split("/")[0] for key in keys if key.startswith(blocks)})
+    kernel = weights[f"{prefix}embedding/kernel"]  # [patch, patch, in_chans, embed_dim]
+    query = weights[f"{blocks}0/MultiHeadDotProductAttention_1/query/kernel"]  # [embed_dim, heads, head_dim]
+    hidden = weights[f"{blocks}0/MlpBlock_3/Dense_0/kernel"].shape[1]  # [embed_dim, mlp_hidden]
+    positions = weights[f"{prefix}Transformer/posembed_input/pos_embedding"].shape[1] - 1  # the cls' aside
+    grid = math.isqrt(positions)
+    head = weights[f"{prefix}head/kernel"].shape[1] if f"{prefix}head/kernel" in keys else 0  # [dim, classes]
+    return dict(
+        img_size=grid * kernel.shape[0],
+        patch_size=kernel.shape[0],
+        in_chans=kernel.shape[2],
+        embed_dim=kernel.shape[3],
+        depth=depth,
+        num_heads=query.shape[1],
+        mlp_ratio=hidden / kernel.shape[3],
+        num_classes=head,
+    )
+
+
+def vit_from_npz(path: str | Path) -> VisionTransformer:
+    """The timm ViT stored in a JAX .npz (augreg layout), loaded by timm's own npz reader (load_pretrained)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ViT weights file {path} does not exist")
+    with np.load(path, allow_pickle=False) as weights:
+        kwargs = _npz_vit_kwargs(weights, path)
+    vit = VisionTransformer(**kwargs)
+    try:
+        vit.load_pretrained(str(path))
+    except KeyError as error:
+        raise ValueError(f"{path}: array {error} missing for a ViT with {kwargs}") from error
+    return vit
+
+
+def vit_from_timm_name(name: str, file: str | Path | None) -> nn.Module:
+    """timm ViT `name` with weights from a local `file` (.npz, .safetensors, .pth), as
+    timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=file)) does, never downloading.
+
+    The ViT keeps its pretrained class count, so a file with another head fails here with the shapes named.
+    A .safetensors/.pth is read by load_checkpoint_file (torch.load(weights_only=True), which older timm does
+    not use) and handed to timm as `state_dict`; timm's filter then converts DeiT/other layouts as usual.
+    """
+    if not timm.is_model(name):
+        raise ValueError(f"'{name}' is neither an existing file or directory nor a timm model name")
+    if file is None:
+        raise ValueError(
+            f"'{name}' is a timm model name, but runs never download weights: download them once (e.g. "
+            f"timm.create_model('{name}', pretrained=True) on a machine with network, then "
+            "safetensors.torch.save_file(model.state_dict(), 'vit.safetensors')) and set init_from_file to "
+            "that local .safetensors/.pth/.npz file"
+        )
+    file = Path(file)
+    if file.suffix == ".npz":
+        if not file.is_file():
+            raise FileNotFoundError(f"ViT weights file {file} does not exist")
+        # custom_load: timm hands the file to the model's own reader, VisionTransformer.load_pretrained.
+        source = dict(file=str(file), custom_load=True)
+    else:
+        source = dict(state_dict=load_checkpoint_file(file), custom_load=False)
+    try:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(source="", **source))
+    except (RuntimeError, KeyError) as error:
+        raise ValueError(
+            f"{file} does not hold the weights of timm model '{name}' (pick the name, tag included, of the "
+            f"model the file was saved from): {error}"
+        ) from error

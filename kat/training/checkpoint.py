@@ -5,7 +5,10 @@
 
 A checkpoint is written into a hidden temp directory, every file fsynced, then renamed into place (rename is
 atomic); the `latest`/`best` pointers are replaced the same way, last. Older checkpoints are pruned only after
-the new one is in place. eval.py needs only resolve_checkpoint/read_checkpoint.
+the new one is in place. A checkpoint damaged afterwards (a partial copy, a full disk, a truncated file) is
+recognised without loading it: every file must be present and whole (safetensors: header and size agree;
+training_state.pt: a complete zip archive), and resuming skips such a checkpoint with a warning.
+eval.py needs only resolve_checkpoint/read_checkpoint.
 """
 
 import json
@@ -13,7 +16,9 @@ import logging
 import os
 import re
 import shutil
+import struct
 import time
+import zipfile
 from pathlib import Path
 
 import torch
@@ -56,14 +61,36 @@ def _write_pointer(run_dir: Path, name: str, target: str) -> None:
     _fsync_path(run_dir)
 
 
-def is_complete(checkpoint_dir: Path) -> bool:
-    """All files present and meta.json readable (a checkpoint copied half-way, say, is not)."""
+def _safetensors_whole(path: Path) -> bool:
+    """The file is as long as its header says (8-byte length, JSON header, then the tensor data)."""
+    try:
+        with open(path, "rb") as f:
+            (header_size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_size))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return path.stat().st_size == 8 + header_size + end
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return False
+
+
+def damaged_file(checkpoint_dir: Path) -> Path | None:
+    """The first missing, truncated or unreadable file of a checkpoint; None when it is complete."""
     try:
         meta = json.loads((checkpoint_dir / META_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    needed = [MODEL_FILE, STATE_FILE] + ([EMA_FILE] if meta.get("has_ema") else [])
-    return meta.get("format") == FORMAT and all((checkpoint_dir / f).is_file() for f in needed)
+        if meta.get("format") != FORMAT:
+            return checkpoint_dir / META_FILE
+    except (OSError, ValueError, AttributeError):
+        return checkpoint_dir / META_FILE
+    for name in [MODEL_FILE] + ([EMA_FILE] if meta.get("has_ema") else []):
+        if not _safetensors_whole(checkpoint_dir / name):
+            return checkpoint_dir / name
+    if not zipfile.is_zipfile(checkpoint_dir / STATE_FILE):  # torch.save's format; the index is at the end
+        return checkpoint_dir / STATE_FILE
+    return None
+
+
+def is_complete(checkpoint_dir: Path) -> bool:
+    return damaged_file(checkpoint_dir) is None
 
 
 def list_checkpoints(run_dir: Path, warn: bool = True) -> list[Path]:
@@ -78,11 +105,14 @@ def list_checkpoints(run_dir: Path, warn: bool = True) -> list[Path]:
                     "ignoring %s: an interrupted checkpoint write (removed by the next save)", path
                 )
         elif _STEP_DIR.match(path.name) and path.is_dir():
-            if is_complete(path):
+            damaged = damaged_file(path)
+            if damaged is None:
                 found.append(path)
             elif warn:
                 logger.warning(
-                    "ignoring incomplete checkpoint %s (files missing or meta.json unreadable)", path
+                    "ignoring incomplete checkpoint %s: %s is missing, truncated or unreadable",
+                    path,
+                    damaged.name,
                 )
     return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
@@ -93,9 +123,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path '{path}' does not exist")
     if (path / META_FILE).is_file():
-        if not is_complete(path):
+        damaged = damaged_file(path)
+        if damaged is not None:
             raise ValueError(
-                f"checkpoint '{path}' is incomplete (a file is missing or meta.json is unreadable)"
+                f"checkpoint '{path}' is incomplete: {damaged} is missing, truncated or corrupt; use another "
+                "checkpoint (the run directory resumes from its newest complete one)"
             )
         return path
     checkpoints = list_checkpoints(path) if path.is_dir() else []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,9 +44,15 @@ class TrainConfig:
     num_classes: int | None = _doc("number of classes; null = the number of class folders in train/", None)
     compile: bool = _doc("torch.compile the model (inductor)", False)
     init_from: str | None = _doc(
-        "fresh runs start from these weights (ignored on resume): a timm ViT .safetensors/.pth of the model's "
-        "size (KAT*: needs model_kwargs.act_init gelu), a KAT weights file, or one of our run/checkpoint "
-        "directories; a head of another class count is reset; null = random init",
+        "fresh runs start from these weights (ignored on resume): a timm ViT .safetensors/.pth/.npz (JAX augreg) "
+        "of the model's size (KAT*: needs model_kwargs.act_init gelu), or a timm ViT name such as "
+        "vit_small_patch16_224 with its weights in init_from_file; a KAT weights file; or one of our "
+        "run/checkpoint directories; a head of another class count is reset; null = random init",
+        None,
+    )
+    init_from_file: str | None = _doc(
+        "local weights file (.safetensors/.pth/.npz) for a timm model name in init_from (timm's "
+        "pretrained_cfg_overlay=dict(file=...)); nothing is downloaded",
         None,
     )
 
@@ -96,6 +103,16 @@ class TrainConfig:
     )
     clip_grad: float | None = _doc(
         "clip the global grad norm to this; null = no clipping (norm still logged)", None
+    )
+    nonfinite: Literal["skip", "stop"] = _doc(
+        "a step whose loss or gradients are NaN/inf (on any process): 'skip' = do not apply it (the batch and "
+        "the lr schedule move on), count and log it, stop after max_nonfinite_steps in a row; 'stop' = stop at "
+        "once, keeping the last good checkpoint. With fp16 the loss scaler already skips overflowing gradients, "
+        "so then only a non-finite loss counts (docs/ERRORS.md)",
+        "skip",
+    )
+    max_nonfinite_steps: int = _doc(
+        "nonfinite: skip stops the run after this many skipped steps in a row", 20
     )
     warmup_epochs: float = _doc("linear warmup length in epochs (stepped per update)", 5)
     warmup_lr: float = _doc("learning rate at the start of warmup", 1e-5)
@@ -321,11 +338,35 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 
 def validate(cfg: TrainConfig) -> None:
-    positive = ["epochs", "batch_size", "grad_accum_steps", "log_interval", "keep_checkpoints"]
+    positive = [
+        "epochs",
+        "batch_size",
+        "grad_accum_steps",
+        "log_interval",
+        "keep_checkpoints",
+        "max_nonfinite_steps",
+    ]
     for key in positive + ["eval_batch_size", "max_steps", "checkpoint_interval", "lr_base_batch_size"]:
         value = getattr(cfg, key)
         if value is not None and value < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    # Numbers outside these ranges do not fail by themselves: they train silently wrong (NaN lr, negative decay).
+    for keys, low, high, closed in (
+        (("lr", "opt_eps"), 0, math.inf, False),
+        (("warmup_lr", "min_lr", "weight_decay", "warmup_epochs", "mixup", "cutmix"), 0, math.inf, True),
+        (("hflip", "reprob", "mixup_prob", "mixup_switch_prob", "model_ema_decay"), 0, 1, True),
+        (("drop_path", "smoothing"), 0, 1 - 1e-9, True),
+    ):
+        for key in keys:
+            value = getattr(cfg, key)
+            inside = low <= value <= high if closed else low < value < high
+            if not (inside and math.isfinite(value)):
+                limits = {math.inf: ">= 0" if closed else "> 0", 1: "in [0, 1]"}.get(high, "in [0, 1)")
+                raise ConfigError(f"config key '{key}' must be a finite number {limits}, got {value}")
+    if cfg.clip_grad is not None and not cfg.clip_grad > 0:
+        raise ConfigError(
+            f"config key 'clip_grad' must be > 0 (or null for no clipping), got {cfg.clip_grad}"
+        )
     if cfg.layer_decay is not None and not 0 < cfg.layer_decay <= 1:
         raise ConfigError(f"config key 'layer_decay' must be in (0, 1] (e.g. 0.65), got {cfg.layer_decay}")
     if cfg.workers < 0 or cfg.max_bad_images < 0:

@@ -6,12 +6,20 @@ step. At every epoch end (and at the end of the run) the model and its EMA are e
 checkpoint is written; checkpoints are also written every `checkpoint_interval` steps. Everything needed to
 continue exactly (weights, EMA, optimizer, scheduler, loss scaler, RNG, position in the epoch's data order)
 is in the checkpoint, so rerunning the same command resumes.
+
+Two ways a run ends early, both agreed by all processes (one all-reduce per step) and raised as TrainingStopped
+(train.py prints its one-line message and exits with its exit_code):
+- non-finite loss or gradients, per the `nonfinite` config key (docs/ERRORS.md): NonFiniteError, exit code 3;
+- SIGTERM/SIGINT (a preempted cluster job, Ctrl-C): a checkpoint at the next step boundary, then Interrupted,
+  exit code 128 + signal (143/130), the shell convention, so schedulers see the job did not finish and requeue.
 """
 
 import difflib
 import logging
 import math
 import random
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -38,7 +46,13 @@ from kat.data import (
     resolve_data_config,
 )
 from kat.evaluation import evaluate
-from kat.models.from_vit import is_kat_state_dict, kat_from_vit, load_weights_except_head
+from kat.models.from_vit import (
+    is_kat_state_dict,
+    kat_from_vit,
+    load_weights_except_head,
+    vit_from_npz,
+    vit_from_timm_name,
+)
 from kat.models.pretrained import load_checkpoint_file
 from kat.rational import GroupRational, active_backend
 from kat.training.checkpoint import (
@@ -57,6 +71,27 @@ logger = logging.getLogger(__name__)
 
 STATE_FORMAT = "kat-training-state/1"
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
+NONFINITE_EXIT_CODE = 3
+
+
+class TrainingStopped(RuntimeError):
+    """Training ended before its last step on purpose; the message says why and what to do next."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class NonFiniteError(TrainingStopped):
+    def __init__(self, message: str):
+        super().__init__(message, NONFINITE_EXIT_CODE)
+
+
+class Interrupted(TrainingStopped):
+    """SIGTERM/SIGINT: the checkpoint is saved; rerunning the same command resumes."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message, 128 + signum)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -74,44 +109,49 @@ def create_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
         return timm.create_model(
             cfg.model, num_classes=num_classes, drop_path_rate=cfg.drop_path, **cfg.model_kwargs
         )
-    except TypeError as error:
+    except (TypeError, ValueError, AssertionError) as error:  # timm checks shapes with assert (num_heads)
         raise ConfigError(
-            f"config key 'model_kwargs' {cfg.model_kwargs} is not accepted by {cfg.model}: {error}"
+            f"config key 'model_kwargs' {cfg.model_kwargs} is not accepted by {cfg.model}: {error or type(error).__name__}"
         ) from error
 
 
 def init_weights_from(model: torch.nn.Module, cfg: TrainConfig) -> None:
-    """Load `cfg.init_from` into a fresh model: our run/checkpoint dir, a KAT weights file, or a ViT's (KAT*).
+    """Load `cfg.init_from` into a fresh model: our run/checkpoint dir, a KAT weights file, or a ViT's (KAT*) as
+    a .safetensors/.pth/.npz file or a timm ViT name whose weights are the local file `cfg.init_from_file`.
 
     Everything but the head must fit; a head of another class count keeps its fresh init (fine-tuning).
     """
     path = Path(cfg.init_from)
+    source = str(path)
     is_kat = any(isinstance(m, GroupRational) for m in model.modules())
     try:
-        if path.is_dir():
-            source = resolve_checkpoint(path)
-            state_dict, _ = read_checkpoint(source)
-            head = load_weights_except_head(model, state_dict, str(source))
-        elif path.suffix == ".npz":
+        if cfg.init_from_file is not None and (path.exists() or not timm.is_model(cfg.init_from)):
             raise ValueError(
-                f"{path}: JAX .npz checkpoints are not read directly. Convert once with timm: m = timm.create_model("
-                "'vit_small_patch16_224', num_classes=1000); m.load_pretrained('x.npz'); safetensors.torch."
-                "save_file(m.state_dict(), 'x.safetensors'), then set init_from to the .safetensors file"
+                f"init_from_file ({cfg.init_from_file}) is only read when init_from is a timm model name, but "
+                f"init_from is {cfg.init_from!r}: set init_from_file: null"
             )
-        else:
+        if path.is_dir():
+            source = str(resolve_checkpoint(path))
+            state_dict, _ = read_checkpoint(source)
+        elif path.suffix == ".npz":
+            state_dict = vit_from_npz(path).state_dict()
+        elif path.exists() or not timm.is_model(cfg.init_from):
             state_dict = load_checkpoint_file(path)
-            if is_kat and not is_kat_state_dict(state_dict):
-                if getattr(model, "act_init", None) != "gelu":
-                    raise ValueError(
-                        f"{path} holds ViT weights (no rational coefficients): KAT* sets every act2 to GELU, the "
-                        "ViT's activation, so the run must say so: set model_kwargs.act_init: gelu"
-                    )
-                head = kat_from_vit(model, state_dict, str(path))
-            else:
-                head = load_weights_except_head(model, state_dict, str(path))
+        else:
+            source = f"{cfg.init_from} weights from {cfg.init_from_file}"
+            state_dict = vit_from_timm_name(cfg.init_from, cfg.init_from_file).state_dict()
+        if is_kat and not is_kat_state_dict(state_dict):
+            if getattr(model, "act_init", None) != "gelu":
+                raise ValueError(
+                    f"{source} holds ViT weights (no rational coefficients): KAT* sets every act2 to GELU, the "
+                    "ViT's activation, so the run must say so: set model_kwargs.act_init: gelu"
+                )
+            head = kat_from_vit(model, state_dict, source)
+        else:
+            head = load_weights_except_head(model, state_dict, source)
     except (FileNotFoundError, ValueError) as error:
         raise ConfigError(f"config key 'init_from': {error}") from error
-    logger.info("initialised from %s (%s)", path, "all weights" if head else "all but the head")
+    logger.info("initialised from %s (%s)", source, "all weights" if head else "all but the head")
 
 
 def rng_state() -> dict:
@@ -216,6 +256,8 @@ class Trainer:
 
         self.step, self.epoch, self.samples_in_epoch = 0, 0, 0
         self.best_top1, self.last_eval, self.resume_rng = -math.inf, {}, None
+        self.skipped_steps, self.skipped_in_a_row = 0, 0  # non-finite steps not applied (nonfinite: skip)
+        self.signal_received, self.saved_step = 0, None
         self.resume_dir = resume_dir
         if resume_dir is not None:
             self._restore(resume_dir)
@@ -311,6 +353,8 @@ class Trainer:
             state["samples_in_epoch"],
         )
         self.best_top1, self.last_eval = state["best_top1"], meta.get("metrics") or {}
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self.skipped_in_a_row = state.get("skipped_in_a_row", 0)
         logger.info(
             "resumed from %s (step %d, epoch %d + %d images)",
             checkpoint_dir,
@@ -373,10 +417,13 @@ class Trainer:
             total=self.stop_step, initial=self.step, disable=not self.is_main, unit="step", dynamic_ncols=True
         )
         progress.set_description(cfg.run_name)
+        handlers = self._catch_stop_signals()
         try:
             while self.step < self.stop_step:
                 self._train_epoch(tracker, progress)
         finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
             progress.close()
             tracker.finish()
 
@@ -388,6 +435,20 @@ class Trainer:
         )
         return last
 
+    def _catch_stop_signals(self) -> dict:
+        """SIGTERM/SIGINT only set a flag: the loop saves at the next step boundary. A second one acts at once."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}  # Python delivers signals to the main thread only
+
+        def request_stop(signum, frame):
+            self.signal_received = signum
+            signal.signal(signum, handlers[signum])
+
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        for signum in handlers:
+            signal.signal(signum, request_stop)
+        return handlers
+
     def _train_epoch(self, tracker: RunTracker, progress: tqdm) -> None:
         """Train from the current position to the end of the epoch (or stop_step), evaluating and saving."""
         cfg, accelerator = self.cfg, self.accelerator
@@ -398,29 +459,27 @@ class Trainer:
         )
         batches = iter(self.train_loader)
         updates = len(self.train_loader) // cfg.grad_accum_steps
-        loss_sum = torch.zeros((), device=self.device)
+        loss_sum, applied = torch.zeros((), device=self.device), 0
         log_clock, log_step, data_time = time.perf_counter(), self.step, 0.0
         self.model.train()
         for update in range(updates):
-            loss, grad_norm, lr, waited = self._train_step(batches)
-            loss_sum += loss
+            loss, grad_norm, lr, waited, stop_signal = self._train_step(batches)
+            if self.skipped_in_a_row == 0:  # a skipped step's loss is not finite everywhere
+                loss_sum, applied = loss_sum + loss, applied + 1
             data_time += waited
             end_of_epoch, final = update == updates - 1, self.step >= self.stop_step
 
             if self.step % cfg.log_interval == 0 or final:
                 loss_value = accelerator.reduce(loss, "mean").item()
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(
-                        f"loss is {loss_value} at step {self.step}; lower lr, set clip_grad, or use bf16"
-                    )
                 now, steps = time.perf_counter(), self.step - log_step
                 record = {
                     "step": self.step,
                     "epoch": self.epoch
                     + self.samples_in_epoch / (self.steps_per_epoch * self.images_per_step),
-                    "loss": loss_value,
+                    "loss": _finite_or_none(loss_value),  # null, not NaN: metrics.jsonl stays strict JSON
                     "lr": lr,
-                    "grad_norm": grad_norm.item(),
+                    "grad_norm": _finite_or_none(grad_norm.item()),
+                    "skipped_steps": self.skipped_steps,  # non-finite steps not applied, in all
                     "images_per_sec": steps * self.images_per_step / (now - log_clock),  # all processes
                     "step_time": (now - log_clock) / steps,
                     "data_time": data_time / steps,
@@ -440,7 +499,7 @@ class Trainer:
             if end_of_epoch:
                 self.epoch, self.samples_in_epoch = self.epoch + 1, 0
             if end_of_epoch or final:
-                train_loss = accelerator.reduce(loss_sum, "mean").item() / (update + 1)
+                train_loss = accelerator.reduce(loss_sum, "mean").item() / applied if applied else math.nan
                 self._evaluate(tracker, progress, time.perf_counter() - epoch_clock, train_loss)
             if (
                 end_of_epoch
@@ -452,9 +511,21 @@ class Trainer:
                 log_clock, log_step, data_time = time.perf_counter(), self.step, 0.0
             if final:
                 return
+            if stop_signal:
+                if self.saved_step != self.step:
+                    self._save(evaluated=False)
+                name = signal.Signals(stop_signal).name
+                raise Interrupted(
+                    f"{name} received: stopped at step {self.step} with checkpoint {self.run_dir / checkpoint_name(self.step)}"
+                    "; rerun the same command to resume",
+                    stop_signal,
+                )
 
-    def _train_step(self, batches) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-        """One optimizer step over grad_accum_steps micro-batches: (mean loss, grad norm, lr used, data wait)."""
+    def _train_step(self, batches) -> tuple[torch.Tensor, torch.Tensor, float, float, int]:
+        """One optimizer step over grad_accum_steps micro-batches.
+
+        Returns (mean loss, grad norm, lr used, data wait, signal to stop at or 0), the last agreed by all processes.
+        """
         cfg, accelerator = self.cfg, self.accelerator
         step_loss, data_time = torch.zeros((), device=self.device), 0.0
         for micro in range(cfg.grad_accum_steps):
@@ -473,15 +544,53 @@ class Trainer:
             step_loss += loss.detach() / cfg.grad_accum_steps
         grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), cfg.clip_grad or math.inf)
         lr = max(group["lr"] for group in self.optimizer.param_groups)  # the head's when layer_decay is on
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+
+        # One all-reduce (max over processes) decides for everyone: is the loss / are the gradients non-finite
+        # anywhere, and has any process been asked to stop? With fp16 the GradScaler owns non-finite gradients
+        # (it skips those steps and lowers the scale), so they are not counted twice.
+        scaler = accelerator.scaler
+        nonfinite = [~torch.isfinite(step_loss), ~torch.isfinite(grad_norm) & (scaler is None)]
+        flags = torch.stack(nonfinite).to(self.device, torch.float32)
+        signal_flag = torch.tensor([float(self.signal_received)], device=self.device)
+        bad_loss, bad_grads, stop_signal = accelerator.reduce(torch.cat([flags, signal_flag]), "max").tolist()
+        if bad_loss or bad_grads:
+            self._nonfinite_step("loss" if bad_loss else "gradients", step_loss, grad_norm)
+            self.optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.update()  # what accelerate's optimizer.step() would have done after unscaling
+        else:
+            self.skipped_in_a_row = 0
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.samples_in_epoch += self.images_per_step
         self.scheduler.step_update(self.step)
-        if self.ema is not None:
+        if self.ema is not None and not self.skipped_in_a_row:
             self.ema.update(self.raw_model, step=self.step)
         self.train_set.check_bad_images()
-        return step_loss, grad_norm, lr, data_time
+        return step_loss, grad_norm, lr, data_time, int(stop_signal)
+
+    def _nonfinite_step(self, what: str, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Skip step self.step + 1 (policy 'skip'), or raise NonFiniteError (policy 'stop', or too many skips)."""
+        cfg, step = self.cfg, self.step + 1
+        found = f"non-finite {what} at step {step} (loss {loss.item()}, grad norm {grad_norm.item()}"
+        found += ", on some process)" if self.accelerator.num_processes > 1 else ")"
+        checkpoints = list_checkpoints(self.run_dir, warn=False)
+        kept = (
+            f"the last good checkpoint is {checkpoints[-1]} (rerunning the command resumes from it)"
+            if checkpoints
+            else "no checkpoint was written yet"
+        )
+        fix = "lower lr, set clip_grad, use bf16 rather than fp16, or check the data"
+        if cfg.nonfinite == "stop":
+            raise NonFiniteError(f"{found}; stopped (nonfinite: stop) without applying it; {kept}; {fix}")
+        self.skipped_steps, self.skipped_in_a_row = self.skipped_steps + 1, self.skipped_in_a_row + 1
+        if self.skipped_in_a_row >= cfg.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{found}: {self.skipped_in_a_row} non-finite steps in a row (max_nonfinite_steps="
+                f"{cfg.max_nonfinite_steps}), the run has diverged; {kept}; {fix}"
+            )
+        logger.warning("%s: step skipped (%d skipped in all, nonfinite: skip)", found, self.skipped_steps)
 
     def _evaluate(self, tracker: RunTracker, progress: tqdm, epoch_time: float, train_loss: float) -> None:
         cfg = self.cfg
@@ -538,6 +647,8 @@ class Trainer:
                 "samples_in_epoch": self.samples_in_epoch,  # position in the next one (all processes)
                 "global_batch_size": self.images_per_step,
                 "best_top1": self.best_top1,
+                "skipped_steps": self.skipped_steps,
+                "skipped_in_a_row": self.skipped_in_a_row,
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
@@ -564,4 +675,9 @@ class Trainer:
                 keep=self.cfg.keep_checkpoints,
                 is_best=is_best,
             )
+        self.saved_step = self.step
         self.accelerator.wait_for_everyone()
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None

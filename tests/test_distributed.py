@@ -1,0 +1,139 @@
+"""Several processes on CPU over gloo: the multi-node launch path and data-parallel = gradient accumulation.
+
+Two torchrun agents with --nnodes 2 on one host meet over loopback (c10d rendezvous), exactly as two machines
+would (docs/DISTRIBUTED.md); each runs train.py with one process. The same run is then repeated as one
+process with grad_accum_steps 2: with the random parts off (augmentation, mixup, drop path), both layouts see
+the same global batch at every step (ResumableSampler deals each step's slice of the permutation round-robin,
+which is the same set as the two consecutive micro-batches of one process), so the losses must agree to
+float32 rounding. Tiny model and data: about 30 s on 2 cores.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kat.training.config import parse_config
+from kat.training.loop import train
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "data" / "demo"
+
+
+def cli(text: str) -> list[str]:
+    return text.split()
+
+
+BATCH = 8  # per process per micro-batch
+STEPS = 3
+# Deterministic data and model: whole-image crops, no flips/colour/RandAugment/erasing/mixup, no drop path; a
+# large constant lr (no warmup) so that the later steps depend on the earlier updates.
+DETERMINISTIC = cli(
+    "--scale [1,1] --ratio [1,1] --hflip 0 --color_jitter 0 --aa null --reprob 0 --mixup 0 --cutmix 0 "
+    "--drop_path 0 --lr 3e-3 --warmup_epochs 0 --lr_base_batch_size null"
+)
+TINY = cli("--model_kwargs.depth 1 --model_kwargs.embed_dim 32 --model_kwargs.num_heads 2")
+QUIET = cli("--wandb_mode disabled --plot_rationals false --workers 0 --model_ema false")
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["type"] == kind]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    """80 train / 21 val demo digits."""
+    root = tmp_path_factory.mktemp("digits")
+    for split, per_class in (("train", 8), ("val", 2)):
+        for c in range(10):
+            files = sorted((DEMO / split / str(c)).glob("*.png"))[: per_class + (split == "val" and c == 0)]
+            (root / split / str(c)).mkdir(parents=True)
+            for f in files:
+                shutil.copy(f, root / split / str(c) / f.name)
+    return root
+
+
+def train_args(digits: Path, output_dir: Path) -> list[str]:
+    return [
+        *f"--config demo --cpu true --data_dir {digits} --output_dir {output_dir}".split(),
+        *f"--batch_size {BATCH} --max_steps {STEPS}".split(),
+        *DETERMINISTIC,
+        *TINY,
+        *QUIET,
+    ]
+
+
+@pytest.fixture(scope="module")
+def two_nodes(digits, tmp_path_factory) -> tuple[Path, list[subprocess.CompletedProcess]]:
+    """train.py on two single-process "nodes" that rendezvous over 127.0.0.1, as on two machines."""
+    out = tmp_path_factory.mktemp("two-nodes")
+    endpoint = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    # The c10d rendezvous numbers the nodes itself (torchrun ignores --node_rank with it), so either can be
+    # rank 0. The same command runs on both.
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1"]
+    argv += ["--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "kat-test"]
+    argv += ["train.py", *train_args(digits, out)]
+    nodes = []
+    for _ in range(2):
+        nodes.append(
+            subprocess.Popen(
+                argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    results = []
+    for node in nodes:
+        try:
+            stdout, stderr = node.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            for n in nodes:
+                n.kill()
+            raise
+        results.append(subprocess.CompletedProcess(node.args, node.returncode, stdout, stderr))
+    return out / "demo", results
+
+
+def test_two_nodes_over_loopback(two_nodes):
+    run_dir, results = two_nodes
+    for node_rank, result in enumerate(results):
+        assert result.returncode == 0, f"node {node_rank}:\n{result.stderr[-3000:]}"
+    assert all("Training finished" in r.stdout for r in results)  # accelerator.print: once per node
+    assert sum("GR-KAN backend" in r.stderr for r in results) == 1  # train.py logs INFO on global rank 0 only
+
+    assert [r["step"] for r in records(run_dir, "step")] == list(range(1, STEPS + 1))  # one writer
+    (run,) = records(run_dir, "run")
+    assert run["num_processes"] == 2 and run["global_batch_size"] == 2 * BATCH
+    (final,) = records(run_dir, "eval")
+    assert final["val"]["num_images"] == 21  # an exact count across the two nodes (21 is odd)
+    assert sorted(p.name for p in run_dir.glob("step-*")) == [f"step-{STEPS:08d}"]
+    state = torch.load(run_dir / f"step-{STEPS:08d}" / "training_state.pt", weights_only=True)
+    assert state["samples_in_epoch"] == STEPS * 2 * BATCH and len(state["rng"]) == 2
+
+
+def test_two_processes_match_gradient_accumulation(two_nodes, digits, tmp_path):
+    """Same global batch by two processes or by one accumulating two micro-batches: the same losses."""
+    run_dir, results = two_nodes
+    assert all(r.returncode == 0 for r in results)
+    train(parse_config([*train_args(digits, tmp_path), "--grad_accum_steps", "2"]))
+    one = tmp_path / "demo"
+    assert records(one, "run")[0]["global_batch_size"] == 2 * BATCH
+
+    distributed = [r["loss"] for r in records(run_dir, "step")]
+    accumulated = [r["loss"] for r in records(one, "step")]
+    assert len(accumulated) == STEPS and distributed[0] > 2.0
+    # Step 1 is the same global batch through the same initial weights; later steps also need equal updates.
+    assert accumulated == pytest.approx(distributed, rel=1e-5), (distributed, accumulated)
+    assert distributed[-1] != pytest.approx(distributed[0], rel=1e-3)  # the updates did change the loss
