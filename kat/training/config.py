@@ -43,6 +43,11 @@ class TrainConfig:
     drop_path: float = _doc("stochastic depth rate (recipe: 0.1 for T/S, 0.4 for B)", 0.1)
     num_classes: int | None = _doc("number of classes; null = the number of class folders in train/", None)
     compile: bool = _doc("torch.compile the model (inductor)", False)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = _doc(
+        "torch.compile mode with compile on; 'reduce-overhead' replays CUDA graphs, the fastest for KAT-T/S, whose "
+        "eager steps are bound by kernel-launch overhead (docs/BENCHMARKS.md)",
+        "default",
+    )
     init_from: str | None = _doc(
         "fresh runs start from these weights (ignored on resume): a timm ViT .safetensors/.pth/.npz (JAX augreg) "
         "of the model's size (KAT*: needs model_kwargs.act_init gelu), or a timm ViT name such as "

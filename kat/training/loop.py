@@ -28,7 +28,7 @@ import numpy as np
 import timm
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import TorchDynamoPlugin, gather_object, set_seed
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
@@ -204,9 +204,8 @@ class Trainer:
             logger.warning("fp16 autocast needs a GPU: training in full precision (bf16 works on CPU too)")
             self.precision = "no"
         self.amp_dtype = _AMP_DTYPES[self.precision]
-        self.accelerator = Accelerator(
-            mixed_precision=self.precision, cpu=cfg.cpu, dynamo_backend="inductor" if cfg.compile else "no"
-        )
+        dynamo = TorchDynamoPlugin(backend="inductor", mode=cfg.compile_mode) if cfg.compile else None
+        self.accelerator = Accelerator(mixed_precision=self.precision, cpu=cfg.cpu, dynamo_plugin=dynamo)
         accelerator = self.accelerator
         self.device, self.is_main = accelerator.device, accelerator.is_main_process
         self.run_dir = Path(cfg.output_dir) / cfg.run_name
@@ -539,6 +538,8 @@ class Trainer:
             # Gradients are all-reduced across processes only on the last micro-batch.
             last = micro == cfg.grad_accum_steps - 1
             with nullcontext() if last else accelerator.no_sync(self.model):
+                if cfg.compile:
+                    torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA-graph trees (else a no-op)
                 loss = self.train_loss_fn(self.model(images), targets)  # prepare() put forward in autocast
                 accelerator.backward(loss / cfg.grad_accum_steps)
             step_loss += loss.detach() / cfg.grad_accum_steps
