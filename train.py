@@ -16,6 +16,9 @@ from kat.training.config import ConfigError, parse_config
 
 
 def main(argv: list[str] | None = None) -> int:
+    # NVLink multicast (NCCL's NVLS algorithms) has put the GPUs of shared hosts out of service; NCCL's ring/tree
+    # all-reduce is what we measure (docs/DISTRIBUTED.md). Export NCCL_NVLS_ENABLE=1 to have it anyway.
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     rank = int(os.environ.get("RANK", "0"))  # set by accelerate launch / torchrun; only rank 0 says much
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,

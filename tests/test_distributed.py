@@ -22,6 +22,9 @@ import torch
 from kat.training.config import parse_config
 from kat.training.loop import train
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import compare_runs  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo"
 
@@ -137,3 +140,25 @@ def test_two_processes_match_gradient_accumulation(two_nodes, digits, tmp_path):
     # Step 1 is the same global batch through the same initial weights; later steps also need equal updates.
     assert accumulated == pytest.approx(distributed, rel=1e-5), (distributed, accumulated)
     assert distributed[-1] != pytest.approx(distributed[0], rel=1e-3)  # the updates did change the loss
+
+    # bench/compare_runs.py, which compares the GPU runs of docs/DISTRIBUTED.md, reads these runs the same way.
+    report = compare_runs.main([str(run_dir), str(one), "--json", str(tmp_path / "compare.json")])
+    row = report["runs"][str(one)]
+    assert row["steps_compared"] == STEPS and row["num_processes"] == 1 and row["global_batch_size"] == 2 * BATCH
+    assert row["max_abs_loss_diff"] == max(abs(a - b) for a, b in zip(distributed, accumulated))
+    assert row["evals"][STEPS]["other"]["num_images"] == 21
+    assert json.loads((tmp_path / "compare.json").read_text()) == json.loads(json.dumps(report))
+
+
+def test_bench_ddp_smoke_on_cpu(tmp_path):
+    """bench/bench_ddp.py's interleaved 1-process / 2-process timing runs end to end (gloo; no timing value)."""
+    out = tmp_path / "ddp.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [str(REPO / "bench" / "bench_ddp.py"), "--cpu", "--models", "kat_tiny", "--batch", "2"]
+    command += ["--img_size", "32", "--warmup", "1", "--steps", "1", "--rounds", "2", "--json", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["world_size"] == 2 and all(c["ok"] for c in report["op_checks"])
+    assert [r["model"] for r in report["runs"]] == ["kat_tiny"]

@@ -7,6 +7,7 @@ catalogue names; test_catalogue_and_tests_agree keeps the document and the tests
 """
 
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -17,7 +18,13 @@ import torch
 from kat.data import DataError, ImageFolderDataset, check_layout
 from kat.models.pretrained import CheckpointMismatchError, check_state_dict_fits, load_checkpoint_file
 from kat.rational import GroupRational, group_rational
-from kat.training.checkpoint import list_checkpoints, read_checkpoint, resolve_checkpoint, save_checkpoint
+from kat.training.checkpoint import (
+    begin_checkpoint,
+    list_checkpoints,
+    read_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from kat.training.config import ConfigError, parse_config
 from kat.training.loop import Trainer, choose_resume, create_model, init_weights_from
 
@@ -54,6 +61,19 @@ def checkpoint(run_dir: Path, step: int, *, model: str = "kat_tiny", ema: bool =
         keep=5,
         is_best=False,
     )
+
+
+def with_env(variables: dict, call):
+    saved = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        return call()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
 
 
 def truncate(path: Path, keep: float = 0.6) -> Path:
@@ -125,6 +145,26 @@ def config_cases(tmp: Path) -> dict:
             lambda: parse_config(["--model_kwargs.drop_path_rate", "0.2"]),
             ConfigError,
             ["set 'drop_path' and 'num_classes' as config keys"],
+        ),
+        "config-fsdp-with-compile": (
+            lambda: parse_config(["--fsdp", "--compile"]),
+            ConfigError,
+            ["fsdp: true with compile: true is not supported"],
+        ),
+        "config-fsdp-fp16": (
+            lambda: parse_config(["--fsdp", "--mixed_precision", "fp16"]),
+            ConfigError,
+            ["fsdp: true trains in bf16 or fp32", "mixed_precision: bf16"],
+        ),
+        "config-fsdp-without-gpu": (
+            lambda: Trainer(parse_config(["--fsdp", "--cpu", "true", *QUIET])),
+            ConfigError,
+            ["fsdp: true shards the model over GPUs", "(cpu: true); set fsdp: false"],
+        ),
+        "config-accelerate-fsdp-launch": (
+            lambda: with_env({"ACCELERATE_USE_FSDP": "true"}, lambda: Trainer(parse_config(["--cpu", "true", *QUIET]))),
+            ConfigError,
+            ["accelerate was launched with FSDP", "set fsdp: true"],
         ),
     }
 
@@ -208,6 +248,26 @@ def checkpoint_cases(tmp: Path) -> dict:
         argv = ["--config", "demo", "--data_dir", str(root), "--output_dir", str(tmp / "runs"), *TINY, *QUIET]
         Trainer(parse_config([*argv, "--batch_size", "8"]))
 
+    def resume_fsdp_with_ddp():
+        root = digits(tmp / "data-fsdp", 7, 1)
+        argv = ["--config", "demo", "--data_dir", str(root), "--output_dir", str(tmp / "runs-fsdp"), *TINY, *QUIET]
+        cfg = parse_config([*argv, "--batch_size", "8"])
+        tmp_dir = begin_checkpoint(tmp / "runs-fsdp" / "demo", 2)
+        (tmp_dir / "optimizer").mkdir()
+        (tmp_dir / "optimizer" / ".metadata").write_bytes(b"DCP index")  # as an FSDP run leaves it
+        save_checkpoint(
+            tmp / "runs-fsdp" / "demo",
+            2,
+            model_state={"w": torch.zeros(2)},
+            ema_state=None,
+            training_state={"step": 2},
+            meta={"model": cfg.model, "model_kwargs": cfg.model_kwargs, "num_classes": 10},
+            keep=2,
+            is_best=False,
+            tmp=tmp_dir,
+        )
+        Trainer(cfg)
+
     def no_ema():
         return read_checkpoint(checkpoint(tmp / "run4", 3, ema=False), ema=True)
 
@@ -240,6 +300,11 @@ def checkpoint_cases(tmp: Path) -> dict:
             resume_other_architecture,
             ConfigError,
             ["cannot resume from", "vit_tiny_patch16_224", "use a new --run_name"],
+        ),
+        "ckpt-resume-fsdp-mismatch": (
+            resume_fsdp_with_ddp,
+            ConfigError,
+            ["with fsdp: false: it was written by an FSDP run", "resume it with fsdp: true", "init_from:"],
         ),
         "ckpt-no-ema": (no_ema, ValueError, ["has no EMA weights", "model_ema: false"]),
         "ckpt-init-from-missing": (

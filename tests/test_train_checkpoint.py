@@ -45,7 +45,13 @@ def test_layout_pointers_and_reader(tmp_path):
     ]
     assert (tmp_path / "latest").read_text() == "step-00000005\n" == (tmp_path / "best").read_text()
     state_dict, meta = read_checkpoint(tmp_path)
-    assert meta == {"format": "kat-checkpoint/1", "model": "m", "step": 5, "has_ema": True}
+    assert meta == {
+        "format": "kat-checkpoint/1",
+        "model": "m",
+        "step": 5,
+        "has_ema": True,
+        "optimizer_shards": False,
+    }
     assert torch.equal(state_dict["w"], torch.full((2, 3), 5.0)) and state_dict["n"].dtype == torch.int64
     assert read_training_state(path)["rng"][0]["python"][1][-1] == 624  # torch.load(weights_only=True)
     assert resolve_checkpoint(path) == path

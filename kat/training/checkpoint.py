@@ -1,13 +1,16 @@
 """Checkpoints that are complete or absent, never half-written (format: /tmp/team_brief.md, "Checkpoint format").
 
     <run_dir>/step-00001234/{model.safetensors, ema.safetensors, meta.json, training_state.pt}
+    <run_dir>/step-00001234/optimizer/    FSDP runs only: the optimizer state, one shard per process (DCP)
     <run_dir>/latest, <run_dir>/best      text files naming a checkpoint directory
 
 A checkpoint is written into a hidden temp directory, every file fsynced, then renamed into place (rename is
 atomic); the `latest`/`best` pointers are replaced the same way, last. Older checkpoints are pruned only after
 the new one is in place. A checkpoint damaged afterwards (a partial copy, a full disk, a truncated file) is
 recognised without loading it: every file must be present and whole (safetensors: header and size agree;
-training_state.pt: a complete zip archive), and resuming skips such a checkpoint with a warning.
+training_state.pt: a complete zip archive; optimizer/: DCP's .metadata, written last), and resuming skips such a
+checkpoint with a warning. Under FSDP every process writes its optimizer shard into the same temp directory
+(`begin_checkpoint`, whose name depends only on the step) before rank 0 completes it with `save_checkpoint`.
 eval.py needs only resolve_checkpoint/read_checkpoint.
 """
 
@@ -27,11 +30,12 @@ from safetensors.torch import load_file, save_file
 logger = logging.getLogger(__name__)
 
 FORMAT = "kat-checkpoint/1"
-MODEL_FILE, EMA_FILE, META_FILE, STATE_FILE = (
+MODEL_FILE, EMA_FILE, META_FILE, STATE_FILE, OPTIMIZER_SHARDS = (
     "model.safetensors",
     "ema.safetensors",
     "meta.json",
     "training_state.pt",
+    "optimizer",
 )
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _TMP_PREFIX = ".tmp-step-"
@@ -86,6 +90,8 @@ def damaged_file(checkpoint_dir: Path) -> Path | None:
             return checkpoint_dir / name
     if not zipfile.is_zipfile(checkpoint_dir / STATE_FILE):  # torch.save's format; the index is at the end
         return checkpoint_dir / STATE_FILE
+    if meta.get("optimizer_shards") and not (checkpoint_dir / OPTIMIZER_SHARDS / ".metadata").is_file():
+        return checkpoint_dir / OPTIMIZER_SHARDS
     return None
 
 
@@ -159,6 +165,20 @@ def _cpu_fp32(state_dict: dict) -> dict:
     }
 
 
+def checkpoint_tmp_dir(run_dir: Path, step: int) -> Path:
+    """Where step's checkpoint is written before it is renamed into place (the same for every process)."""
+    return run_dir / f"{_TMP_PREFIX}{step:08d}"
+
+
+def begin_checkpoint(run_dir: Path, step: int) -> Path:
+    """An empty checkpoint_tmp_dir, after removing leftovers of interrupted saves (on rank 0 only)."""
+    for stale in run_dir.glob(f"{_TMP_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = checkpoint_tmp_dir(run_dir, step)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -169,24 +189,28 @@ def save_checkpoint(
     meta: dict,
     keep: int,
     is_best: bool,
+    tmp: Path | None = None,
 ) -> Path:
-    """Write step-XXXXXXXX atomically, then update `latest` (and `best`), then prune old checkpoints."""
+    """Write step-XXXXXXXX atomically, then update `latest` (and `best`), then prune old checkpoints.
+
+    tmp: a begin_checkpoint directory that already holds the optimizer shards (FSDP); None starts afresh.
+    """
     name = checkpoint_name(step)
-    for stale in run_dir.glob(f"{_TMP_PREFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)  # our own leftovers from an interrupted save
-    tmp = run_dir / f"{_TMP_PREFIX}{step:08d}-{os.getpid()}"
-    tmp.mkdir(parents=True)
+    tmp = tmp or begin_checkpoint(run_dir, step)
+    optimizer_shards = (tmp / OPTIMIZER_SHARDS).is_dir()
 
     save_file(_cpu_fp32(model_state), tmp / MODEL_FILE, metadata={"format": "pt"})
     if ema_state is not None:
         save_file(_cpu_fp32(ema_state), tmp / EMA_FILE, metadata={"format": "pt"})
     torch.save(training_state, tmp / STATE_FILE)
     (tmp / META_FILE).write_text(
-        json.dumps({"format": FORMAT, **meta, "has_ema": ema_state is not None}, indent=2)
+        json.dumps(
+            {"format": FORMAT, **meta, "has_ema": ema_state is not None, "optimizer_shards": optimizer_shards},
+            indent=2,
+        )
     )
-    for file in tmp.iterdir():
-        _fsync_path(file)
-    _fsync_path(tmp)
+    for path in [*tmp.rglob("*"), tmp]:
+        _fsync_path(path)
 
     final = run_dir / name
     if final.exists():

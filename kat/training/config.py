@@ -126,6 +126,11 @@ class TrainConfig:
     seed: int = _doc("random seed (model init, data order, augmentation)", 0)
     mixed_precision: Literal["no", "bf16", "fp16"] = _doc("autocast dtype; fp16 uses loss scaling", "bf16")
     cpu: bool = _doc("train on CPU even when a GPU is present", False)
+    fsdp: bool = _doc(
+        "shard weights, gradients, optimizer state and EMA over the processes (FSDP2 through Accelerate, one unit "
+        "per transformer block; GPUs only); false = DDP, every process holds everything (docs/DISTRIBUTED.md)",
+        False,
+    )
 
     # EMA of the weights (timm ModelEmaV3)
     model_ema: bool = _doc("keep and evaluate an exponential moving average of the weights", True)
@@ -383,6 +388,10 @@ def validate(cfg: TrainConfig) -> None:
     for key in ("scale", "ratio", "opt_betas"):
         if len(getattr(cfg, key)) != 2:
             raise ConfigError(f"config key '{key}' expects two numbers, got {getattr(cfg, key)}")
+    if cfg.fsdp and cfg.compile:
+        raise ConfigError("fsdp: true with compile: true is not supported (untested); set one of them to false")
+    if cfg.fsdp and cfg.mixed_precision == "fp16":
+        raise ConfigError("fsdp: true trains in bf16 or fp32 (no fp16 loss scaling); set mixed_precision: bf16")
     if not cfg.run_name or "/" in cfg.run_name:
         raise ConfigError(f"'run_name' must be a plain directory name, got {cfg.run_name!r}")
 

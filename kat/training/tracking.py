@@ -115,7 +115,7 @@ class RunTracker:
                 if isinstance(value, dict):  # val / val_ema results
                     data |= {f"{key}/{k}": v for k, v in value.items()}
                 elif key not in data:
-                    data[f"train/{key}" if key == "train_loss" else key] = value
+                    data["train/epoch_loss" if key == "train_loss" else key] = value
             data |= {key: wandb.Image(str(path)) for key, path in (images or {}).items()}
             self.wandb.log(data)
 
