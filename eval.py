@@ -215,7 +215,7 @@ def load_external_model(name: str, model_kwargs: dict, state_dict: dict, path: P
 def load_run_checkpoint(path: Path, ema: bool, model_name: str | None, model_kwargs: dict):
     """A kat training checkpoint (run dir -> its latest, or a step dir): the model is described in meta.json."""
     try:
-        ckpt_dir = resolve_checkpoint(path)
+        ckpt_dir = resolve_checkpoint(path, weights_only=True)  # training_state.pt is not needed here
     except (OSError, ValueError) as e:
         raise EvalError(_first_line(e)) from e
     try:

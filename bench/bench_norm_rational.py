@@ -22,18 +22,17 @@ Run (about 30-40 s on an H100, most of it Triton compilation):
 
 import argparse
 import functools
-import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
-from triton.testing import do_bench, do_bench_cudagraph
+from triton.testing import do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _report import environment, finish  # noqa: E402
 
 from kat.rational import group_rational, norm_rational_kernels  # noqa: E402
 from kat.rational.coefficients import init_coefficients  # noqa: E402
@@ -62,14 +61,6 @@ def eager_ms(fn, device, calls=200):
         fn()
     torch.cuda.synchronize(device)
     return 1e3 * (time.perf_counter() - start) / calls
-
-
-def copy_bandwidth(device) -> float:
-    """Device-to-device copy bandwidth in bytes/s (1 GiB read + 1 GiB written)."""
-    src = torch.empty(2**28, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=10, rep=100, return_mode="median")
-    return 2 * src.numel() * 4 / (ms * 1e-3)
 
 
 def make_inputs(channels, device, shape=None):
@@ -235,19 +226,7 @@ def main():
         device = torch.device("cuda", torch.cuda.current_device())
     torch.cuda.set_device(device)
     channels_list = [int(c) for c in args.channels.split(",")]
-    info = {
-        "device": torch.cuda.get_device_name(device),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "command": " ".join(sys.argv),
-        "shape": [*SHAPE, "C"],
-    }
-    print(" | ".join(f"{k}: {v}" for k, v in info.items()))
-    bandwidth = copy_bandwidth(device)
-    info["copy_bandwidth_GBps"] = bandwidth / 1e9
-    print(f"device copy bandwidth: {bandwidth / 1e9:.0f} GB/s")
+    info, bandwidth = environment(device, rep=100, shape=[*SHAPE, "C"])
 
     print(f"\nfused op vs float64 unfused reference ({SHAPE + ['C']}, fp32 in, bf16 out, {GROUPS} groups):")
     correctness = {}
@@ -291,14 +270,7 @@ def main():
         torch.cuda.empty_cache()
     if args.sweep:
         sweep(channels_list, device, bandwidth)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps({"info": info, "correctness": correctness, "timings": timings}, indent=1)
-        )
-        print(f"\nwrote {args.json}")
-    if not all(r["ok"] for r in correctness.values()):
-        sys.exit("correctness check FAILED (see above)")
+    finish(args.json, info, correctness, timings)
 
 
 if __name__ == "__main__":

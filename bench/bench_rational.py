@@ -19,18 +19,17 @@ Run (about 2-3 minutes on an H100):  python bench/bench_rational.py --json $OUT/
 """
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _report import environment, finish  # noqa: E402
 
 from kat.rational import group_rational, kernels  # noqa: E402
 from kat.rational.coefficients import init_coefficients  # noqa: E402
@@ -45,14 +44,6 @@ def median_ms(fn, graph=True):
     if graph:
         return do_bench_cudagraph(fn, rep=100, return_mode="median")
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def copy_bandwidth(device) -> float:
-    """Device-to-device copy bandwidth in bytes/s (1 GiB read + 1 GiB written)."""
-    src = torch.empty(2**28, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=10, rep=200, return_mode="median")
-    return 2 * src.numel() * 4 / (ms * 1e-3)
 
 
 SHAPE = [128, 197]  # [batch, tokens] in front of C (--batch / --tokens change it for quick runs)
@@ -207,18 +198,7 @@ def main():
         sys.exit("TRITON_INTERPRET=1 is set: unset it to benchmark the compiled kernels")
     channels_list = [int(c) for c in args.channels.split(",")]
     compile_channels = {int(c) for c in args.compile_channels.split(",") if c}
-    info = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "command": " ".join(sys.argv),
-    }
-    print(" | ".join(f"{k}: {v}" for k, v in info.items()))
-    bandwidth = copy_bandwidth(device)
-    info["copy_bandwidth_GBps"] = bandwidth / 1e9
-    print(f"device copy bandwidth: {bandwidth / 1e9:.0f} GB/s")
+    info, bandwidth = environment(device, rep=200)
     public, reason = public_kat_rational(device)
     if public is None:
         print(f"kat_rational (public kernel): not timed ({reason})")
@@ -269,14 +249,7 @@ def main():
             torch.cuda.empty_cache()
     if args.sweep:
         sweep(device, bandwidth)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps({"info": info, "correctness": correctness, "timings": timings}, indent=1)
-        )
-        print(f"\nwrote {args.json}")
-    if not all(r["ok"] for r in correctness.values()):
-        sys.exit("correctness check FAILED (see above)")
+    finish(args.json, info, correctness, timings)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ float32 rounding. Tiny model and data: about 30 s on 2 cores.
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from kat.training.config import parse_config
 from kat.training.loop import train
@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import compare_runs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "data" / "demo"
 
 
 def cli(text: str) -> list[str]:
@@ -57,16 +56,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
+def digits(demo_digits) -> Path:
     """80 train / 21 val demo digits."""
-    root = tmp_path_factory.mktemp("digits")
-    for split, per_class in (("train", 8), ("val", 2)):
-        for c in range(10):
-            files = sorted((DEMO / split / str(c)).glob("*.png"))[: per_class + (split == "val" and c == 0)]
-            (root / split / str(c)).mkdir(parents=True)
-            for f in files:
-                shutil.copy(f, root / split / str(c) / f.name)
-    return root
+    return demo_digits(train=8, val=2)
 
 
 def train_args(digits: Path, output_dir: Path) -> list[str]:
@@ -144,7 +136,9 @@ def test_two_processes_match_gradient_accumulation(two_nodes, digits, tmp_path):
     # bench/compare_runs.py, which compares the GPU runs of docs/DISTRIBUTED.md, reads these runs the same way.
     report = compare_runs.main([str(run_dir), str(one), "--json", str(tmp_path / "compare.json")])
     row = report["runs"][str(one)]
-    assert row["steps_compared"] == STEPS and row["num_processes"] == 1 and row["global_batch_size"] == 2 * BATCH
+    assert (
+        row["steps_compared"] == STEPS and row["num_processes"] == 1 and row["global_batch_size"] == 2 * BATCH
+    )
     assert row["max_abs_loss_diff"] == max(abs(a - b) for a, b in zip(distributed, accumulated))
     assert row["evals"][STEPS]["other"]["num_images"] == 21
     assert json.loads((tmp_path / "compare.json").read_text()) == json.loads(json.dumps(report))
@@ -162,3 +156,63 @@ def test_bench_ddp_smoke_on_cpu(tmp_path):
     report = json.loads(out.read_text())
     assert report["world_size"] == 2 and all(c["ok"] for c in report["op_checks"])
     assert [r["model"] for r in report["runs"]] == ["kat_tiny"]
+
+
+# A fault on one process, a stop request on the other: both must act on the same step (the flags are all-reduced).
+FAULTS = """
+import math, os, signal, sys
+from kat.training import loop
+rank, original = int(os.environ["RANK"]), loop.Trainer._train_step
+def train_step(self, batches):
+    if rank == 1 and self.step + 1 == 2:  # a NaN loss on process 1 only
+        loss_fn = self.train_loss_fn
+        self.train_loss_fn = lambda output, target: loss_fn(output, target) * math.nan
+        try:
+            return original(self, batches)
+        finally:
+            self.train_loss_fn = loss_fn
+    if rank == 0 and self.step + 1 == 4:  # a preemption notice to process 0 only
+        os.kill(os.getpid(), signal.SIGTERM)
+    return original(self, batches)
+loop.Trainer._train_step = train_step
+import train
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_faults_on_one_process_stop_or_skip_all(digits, tmp_path):
+    """NaN on process 1 at step 2: both skip it. SIGTERM to process 0 during step 4: both save step 4 and exit
+    143; rerunning the command resumes there."""
+    harness = tmp_path / "faults.py"
+    harness.write_text(FAULTS)
+    out = tmp_path / "runs"
+    args = [*train_args(digits, out), "--max_steps", "6", "--checkpoint_interval", "1", "--keep_checkpoints", "10"]
+    args += ["--model_ema", "true"]  # later flags win
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    first = subprocess.run(
+        [*torchrun, str(harness), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert first.returncode != 0, first.stderr[-3000:]
+    assert first.stderr.count("stopped: SIGTERM received: stopped at step 4") == 2, first.stderr[-3000:]
+    run_dir = out / "demo"
+    assert (run_dir / "latest").read_text().strip() == "step-00000004"
+    steps = records(run_dir, "step")
+    assert [(r["step"], r["loss"] is None, r["skipped_steps"]) for r in steps] == [
+        (1, False, 0),
+        (2, True, 1),
+        (3, False, 1),
+        (4, False, 1),
+    ]
+    # Process 0's weights (the ones saved) did not move at the skipped step: it skipped too.
+    step1, step2 = (load_file(run_dir / f"step-0000000{s}" / "model.safetensors") for s in (1, 2))
+    assert all(torch.equal(step1[k], step2[k]) for k in step1)
+    state = torch.load(run_dir / "step-00000004" / "training_state.pt", weights_only=True)
+    assert state["skipped_steps"] == 1 and len(state["rng"]) == 2
+
+    second = subprocess.run(
+        [*torchrun, "train.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stderr and "step 4" in second.stderr
+    assert [r["step"] for r in records(run_dir, "step")][-2:] == [5, 6]

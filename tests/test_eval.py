@@ -23,7 +23,7 @@ from timm.data import create_transform
 from torchvision.datasets import ImageFolder
 
 import eval as eval_cli
-from kat.training.checkpoint import save_checkpoint
+from kat.training.checkpoint import resolve_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "emu"]
@@ -222,6 +222,23 @@ def test_run_dir_step_dir_and_ema(tmp_path, data_dir):
         assert results["data_config"]["interpolation"] == "bilinear"
         assert results["data_config"]["std"] == [0.25] * 3
         assert_matches_reference(results, expected_model, data_dir)
+
+
+def test_checkpoint_shared_without_training_state(tmp_path, data_dir):
+    """A step dir passed on without training_state.pt (weights + meta.json only) still evaluates, EMA too;
+    resuming from it is what needs the training state, and says so."""
+    model, ema = tiny_vit(seed=4), tiny_vit(seed=5)
+    step = save_run_checkpoint(tmp_path / "run", 7, model, ema=ema, data_dir=data_dir)
+    shared = tmp_path / "shared" / step.name
+    shared.mkdir(parents=True)
+    for name in ("meta.json", "model.safetensors", "ema.safetensors"):
+        shutil.copy(step / name, shared / name)
+    for flags, expected in (([], model), (["--ema"], ema)):
+        out = tmp_path / f"shared{len(flags)}.json"
+        assert run_eval("--checkpoint", shared, *flags, "--batch_size", 4, "--json", out) == 0
+        assert_matches_reference(json.loads(out.read_text()), expected, data_dir)
+    with pytest.raises(ValueError, match="training_state.pt is missing"):
+        resolve_checkpoint(shared)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ determinism, autocast output dtype, saved tensors, the custom ops and input erro
 
 import pytest
 import torch
+from rounding import assert_rounded_close, relative_error
 
 from kat.rational import kernels as rational_kernels
 from kat.rational import norm_rational_kernels
@@ -18,15 +19,6 @@ from kat.rational.norm_rational import (
 
 BACKENDS = ["triton", "torch"]
 EPS = 1e-6  # KAT's LayerNorm eps
-HALF_ULP = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-
-
-def rounding_bound(dtype, backend):
-    # The Triton interpreter truncates fp32 -> bf16 casts (compiled Triton rounds to nearest even): allow a
-    # full bf16 ulp there (as tests/test_rational.py does).
-    if backend == "triton" and dtype == torch.bfloat16 and norm_rational_kernels.INTERPRETED:
-        return 2.0**-7
-    return HALF_ULP[dtype]
 
 
 def make_inputs(n, channels, gn, gd, dtype, affine=(True, True), seed=0):
@@ -63,18 +55,6 @@ def run(x, weight, bias, numerator, denominator, grad_output, backend, eps=EPS, 
 def reference64(x, weight, bias, numerator, denominator, grad_output, eps=EPS):
     as64 = [None if t is None else t.double() for t in (x, weight, bias, numerator, denominator)]
     return run(*as64, grad_output.double(), "reference", eps=eps)
-
-
-def relative_error(actual, expected):
-    return ((actual.double() - expected).norm() / expected.norm()).item()
-
-
-def assert_rounded_close(actual, expected, dtype, backend, rtol=1e-5):
-    """Each element within half an ulp of `dtype` of the fp64 value, plus fp32 math error (rtol x max)."""
-    assert actual.dtype == dtype
-    bound = rounding_bound(dtype, backend) * expected.abs() + rtol * expected.abs().max() + 1e-30
-    excess = (actual.double() - expected).abs() - bound
-    assert excess.max() <= 0, f"worst excess {excess.max().item():.3g} at {excess.argmax().item()}"
 
 
 def assert_matches_reference(got, expected, x_dtype, out_dtype, backend, param_rtol=2e-5):

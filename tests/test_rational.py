@@ -3,6 +3,7 @@ reference, the sign(0) = +1 convention, determinism, non-contiguous inputs, auto
 
 import pytest
 import torch
+from rounding import assert_rounded_close, relative_error
 
 from kat.rational import GroupRational, active_backend, group_rational
 from kat.rational import kernels as rational_kernels
@@ -10,16 +11,6 @@ from kat.rational import op as rational_op
 from kat.rational.reference import group_rational_reference
 
 BACKENDS = ["triton", "torch"]
-# Half an ulp relative to the value: bf16/fp16 outputs must be fp32 math rounded once to the output dtype.
-HALF_ULP = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-
-
-def rounding_bound(dtype, backend):
-    # The Triton interpreter truncates fp32 -> bf16 casts (compiled Triton rounds to nearest even, as checked
-    # by the GPU test and bench/bench_rational.py): allow a full bf16 ulp there.
-    if backend == "triton" and dtype == torch.bfloat16 and rational_kernels.INTERPRETED:
-        return 2.0**-7
-    return HALF_ULP[dtype]
 
 
 def make_inputs(n, channels, groups, gn, gd, dtype, seed=0, edge=False):
@@ -49,18 +40,6 @@ def run(x, numerator, denominator, grad_output, backend):
 
 def reference64(x, numerator, denominator, grad_output):
     return run(x.double(), numerator.double(), denominator.double(), grad_output.double(), "reference")
-
-
-def relative_error(actual, expected):
-    return ((actual.double() - expected).norm() / expected.norm()).item()
-
-
-def assert_rounded_close(actual, expected, dtype, backend, rtol=1e-5):
-    """Each element within half an ulp of `dtype` of the fp64 value, plus fp32 math error (rtol x max)."""
-    assert actual.dtype == dtype
-    bound = rounding_bound(dtype, backend) * expected.abs() + rtol * expected.abs().max() + 1e-30
-    excess = (actual.double() - expected).abs() - bound
-    assert excess.max() <= 0, f"worst excess {excess.max().item():.3g} at {excess.argmax().item()}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

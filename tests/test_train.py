@@ -39,16 +39,9 @@ def records(run_dir: Path, kind: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    """160 train / 101 val demo digits (an odd val count: DDP evaluation must not pad or drop)."""
-    root = tmp_path_factory.mktemp("digits")
-    for split, per_class in (("train", 16), ("val", 10)):
-        for c in range(10):
-            files = sorted((DEMO / split / str(c)).glob("*.png"))[: per_class + (split == "val" and c == 0)]
-            (root / split / str(c)).mkdir(parents=True)
-            for f in files:
-                shutil.copy(f, root / split / str(c) / f.name)
-    return root
+def digits(demo_digits) -> Path:
+    """160 train / 101 val demo digits."""
+    return demo_digits(train=16, val=10)
 
 
 def env(tmp_path: Path) -> dict:

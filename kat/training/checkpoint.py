@@ -9,9 +9,9 @@ atomic); the `latest`/`best` pointers are replaced the same way, last. Older che
 the new one is in place. A checkpoint damaged afterwards (a partial copy, a full disk, a truncated file) is
 recognised without loading it: every file must be present and whole (safetensors: header and size agree;
 training_state.pt: a complete zip archive; optimizer/: DCP's .metadata, written last), and resuming skips such a
-checkpoint with a warning. Under FSDP every process writes its optimizer shard into the same temp directory
+checkpoint with a warning. Reading weights (eval.py, init_from) needs only meta.json and the weights files, so
+a checkpoint shared without training_state.pt and optimizer/ still evaluates. Under FSDP every process writes its optimizer shard into the same temp directory
 (`begin_checkpoint`, whose name depends only on the step) before rank 0 completes it with `save_checkpoint`.
-eval.py needs only resolve_checkpoint/read_checkpoint.
 """
 
 import json
@@ -77,17 +77,22 @@ def _safetensors_whole(path: Path) -> bool:
         return False
 
 
-def damaged_file(checkpoint_dir: Path) -> Path | None:
-    """The first missing, truncated or unreadable file of a checkpoint; None when it is complete."""
+def damaged_file(checkpoint_dir: Path, weights_only: bool = False) -> Path | None:
+    """The first missing, truncated or unreadable file of a checkpoint; None when it is complete.
+
+    weights_only: only what reading the weights needs (meta.json, model.safetensors) must be whole.
+    """
     try:
         meta = json.loads((checkpoint_dir / META_FILE).read_text())
         if meta.get("format") != FORMAT:
             return checkpoint_dir / META_FILE
     except (OSError, ValueError, AttributeError):
         return checkpoint_dir / META_FILE
-    for name in [MODEL_FILE] + ([EMA_FILE] if meta.get("has_ema") else []):
+    for name in [MODEL_FILE] + ([EMA_FILE] if meta.get("has_ema") and not weights_only else []):
         if not _safetensors_whole(checkpoint_dir / name):
             return checkpoint_dir / name
+    if weights_only:
+        return None
     if not zipfile.is_zipfile(checkpoint_dir / STATE_FILE):  # torch.save's format; the index is at the end
         return checkpoint_dir / STATE_FILE
     if meta.get("optimizer_shards") and not (checkpoint_dir / OPTIMIZER_SHARDS / ".metadata").is_file():
@@ -99,8 +104,11 @@ def is_complete(checkpoint_dir: Path) -> bool:
     return damaged_file(checkpoint_dir) is None
 
 
-def list_checkpoints(run_dir: Path, warn: bool = True) -> list[Path]:
-    """Complete checkpoints of a run, oldest first; incomplete ones are skipped (with a warning if `warn`)."""
+def list_checkpoints(run_dir: Path, warn: bool = True, weights_only: bool = False) -> list[Path]:
+    """Complete checkpoints of a run, oldest first; incomplete ones are skipped (with a warning if `warn`).
+
+    weights_only: complete enough to read the weights (see damaged_file), not necessarily to resume.
+    """
     found = []
     if not run_dir.is_dir():
         return found
@@ -111,7 +119,7 @@ def list_checkpoints(run_dir: Path, warn: bool = True) -> list[Path]:
                     "ignoring %s: an interrupted checkpoint write (removed by the next save)", path
                 )
         elif _STEP_DIR.match(path.name) and path.is_dir():
-            damaged = damaged_file(path)
+            damaged = damaged_file(path, weights_only)
             if damaged is None:
                 found.append(path)
             elif warn:
@@ -123,20 +131,23 @@ def list_checkpoints(run_dir: Path, warn: bool = True) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory as itself; a run directory as its newest complete checkpoint."""
+def resolve_checkpoint(path: str | Path, weights_only: bool = False) -> Path:
+    """A checkpoint directory as itself; a run directory as its newest complete checkpoint.
+
+    weights_only: the checkpoint is only read for its weights (see damaged_file).
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path '{path}' does not exist")
     if (path / META_FILE).is_file():
-        damaged = damaged_file(path)
+        damaged = damaged_file(path, weights_only)
         if damaged is not None:
             raise ValueError(
                 f"checkpoint '{path}' is incomplete: {damaged} is missing, truncated or corrupt; use another "
                 "checkpoint (the run directory resumes from its newest complete one)"
             )
         return path
-    checkpoints = list_checkpoints(path) if path.is_dir() else []
+    checkpoints = list_checkpoints(path, weights_only=weights_only) if path.is_dir() else []
     if not checkpoints:
         raise ValueError(
             f"'{path}' is neither a checkpoint directory (with {META_FILE}) nor a run directory holding a "
@@ -147,10 +158,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def read_checkpoint(path: str | Path, ema: bool = False) -> tuple[dict, dict]:
     """(state_dict, meta) of a checkpoint or run directory; ema=True returns the EMA weights."""
-    checkpoint_dir = resolve_checkpoint(path)
+    checkpoint_dir = resolve_checkpoint(path, weights_only=True)
     meta = json.loads((checkpoint_dir / META_FILE).read_text())
     if ema and not meta.get("has_ema"):
         raise ValueError(f"checkpoint '{checkpoint_dir}' has no EMA weights (the run had model_ema: false)")
+    if ema and not _safetensors_whole(checkpoint_dir / EMA_FILE):
+        raise ValueError(f"checkpoint '{checkpoint_dir}': {checkpoint_dir / EMA_FILE} is missing, truncated or corrupt")
     return load_file(checkpoint_dir / (EMA_FILE if ema else MODEL_FILE)), meta
 
 

@@ -147,7 +147,7 @@ def init_weights_from(model: torch.nn.Module, cfg: TrainConfig) -> None:
                 f"init_from is {cfg.init_from!r}: set init_from_file: null"
             )
         if path.is_dir():
-            source = str(resolve_checkpoint(path))
+            source = str(resolve_checkpoint(path, weights_only=True))
             state_dict, _ = read_checkpoint(source)
         elif path.suffix == ".npz":
             state_dict = vit_from_npz(path).state_dict()
