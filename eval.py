@@ -19,7 +19,6 @@ split folder) ends with one line on stderr and exit code 2.
 import argparse
 import json
 import os
-import pickle
 import sys
 from pathlib import Path
 
@@ -28,20 +27,23 @@ import torch
 import yaml
 from accelerate import Accelerator
 from safetensors import SafetensorError
-from safetensors.torch import load_file as load_safetensors
 from timm.data import create_transform
-from timm.models import clean_state_dict
 from tqdm.auto import tqdm
 
 import kat  # noqa: F401  (registers the KAT models with timm)
 from kat.data import DataError, ImageFolderDataset, resolve_data_config
 from kat.evaluation import evaluate
+from kat.models.pretrained import (
+    CheckpointError,
+    MissingWeightsError,
+    describe_mismatch,
+    read_checkpoint_file,
+    unwrap_state_dict,
+)
 from kat.rational import GroupRational, active_backend
 from kat.training.checkpoint import EMA_FILE, META_FILE, MODEL_FILE, read_checkpoint, resolve_checkpoint
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-WRAPPER_KEYS = ("state_dict", "model")  # where training scripts (timm, DeiT) nest the weights
-EMA_WRAPPER_KEYS = ("state_dict_ema", "model_ema")
 
 
 class EvalError(Exception):
@@ -98,84 +100,6 @@ def parse_args(argv=None):
 # Reading weights
 
 
-def read_weight_file(path: Path) -> dict:
-    """Read a .safetensors file or a torch.save file as tensors only (never unpickling code)."""
-    try:
-        if path.suffix == ".safetensors":
-            return load_safetensors(str(path), device="cpu")
-        # argparse.Namespace: timm and DeiT training checkpoints store their command line in 'args'.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        unsafe = _unsafe_globals(path)
-        if unsafe:
-            raise EvalError(
-                f"{path} holds pickled Python objects ({_abbrev(unsafe)}), not just tensors; it is not "
-                "loaded because checkpoints are data, never code. Re-save it as a plain state_dict "
-                "(torch.save(model.state_dict(), ...)) or as .safetensors"
-            ) from e
-        raise EvalError(f"cannot read {path}: it is truncated or corrupt ({_first_sentence(e)})") from e
-    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
-        raise EvalError(f"cannot read {path}: it is truncated or corrupt ({_first_sentence(e)})") from e
-
-
-def _unsafe_globals(path: Path) -> list[str]:
-    """Names of the non-tensor Python objects a torch.save file would unpickle (scanned, not executed)."""
-    try:
-        return torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError):  # not a readable torch.save file
-        return []
-
-
-def unwrap_state_dict(checkpoint, path: Path, ema: bool) -> tuple[dict, dict]:
-    """Find the model weights in a training checkpoint; returns (state_dict, other top-level entries).
-
-    Unlike timm's load_state_dict we never pick EMA weights unless asked, so that `--ema` means one thing.
-    """
-    if not isinstance(checkpoint, dict):
-        raise EvalError(f"{path} holds a {type(checkpoint).__name__}, not a state_dict")
-    keys = EMA_WRAPPER_KEYS if ema else WRAPPER_KEYS
-    found = next((k for k in keys if isinstance(checkpoint.get(k), dict)), None)
-    if found is not None:
-        state_dict, extra = checkpoint[found], {k: v for k, v in checkpoint.items() if k != found}
-    elif ema:
-        raise EvalError(
-            f"--ema: {path} holds no EMA weights (no {' or '.join(repr(k) for k in EMA_WRAPPER_KEYS)} "
-            "entry); drop --ema"
-        )
-    elif any(isinstance(checkpoint.get(k), dict) for k in EMA_WRAPPER_KEYS):
-        raise EvalError(f"{path} holds only EMA weights; pass --ema")
-    else:
-        state_dict, extra = checkpoint, {}
-    state_dict = clean_state_dict(state_dict)  # drops 'module.' / '_orig_mod.' wrapper prefixes
-    non_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
-    if non_tensors:
-        raise EvalError(
-            f"{path}: entries {_abbrev(non_tensors)} are not tensors; is this a model state_dict?"
-        )
-    return state_dict, extra
-
-
-def describe_mismatch(model_state: dict, checkpoint_state: dict) -> str:
-    """Missing / unexpected / shape-mismatched keys, abbreviated; '' when the checkpoint fits."""
-    missing = [k for k in model_state if k not in checkpoint_state]
-    unexpected = [k for k in checkpoint_state if k not in model_state]
-    shapes = [
-        f"{k} (checkpoint {list(checkpoint_state[k].shape)}, model {list(v.shape)})"
-        for k, v in model_state.items()
-        if k in checkpoint_state and checkpoint_state[k].shape != v.shape
-    ]
-    parts = []
-    for label, keys in (
-        ("missing keys", missing),
-        ("unexpected keys", unexpected),
-        ("shape mismatches", shapes),
-    ):
-        if keys:
-            parts.append(f"{len(keys)} {label}: {_abbrev(keys)}")
-    return "; ".join(parts)
-
-
 def check_model_name(name: str) -> None:
     if not timm.is_model(name):
         raise EvalError(f"unknown model {name!r}: not a registered timm model (see timm.list_models())")
@@ -206,7 +130,7 @@ def load_external_model(name: str, model_kwargs: dict, state_dict: dict, path: P
         )
     except (RuntimeError, KeyError, ValueError) as e:  # load_state_dict, or a checkpoint filter, refused it
         reference = timm.create_model(name, pretrained=False, **model_kwargs, **head)
-        mismatch = describe_mismatch(reference.state_dict(), state_dict) or _first_line(e)
+        mismatch = "; ".join(describe_mismatch(reference.state_dict(), state_dict)) or _first_line(e)
         raise EvalError(f"{path} does not fit model {name}: {mismatch}") from e
     model.pretrained_cfg.pop("state_dict", None)  # do not keep a second reference to the weights
     return model
@@ -235,7 +159,7 @@ def load_run_checkpoint(path: Path, ema: bool, model_name: str | None, model_kwa
     model = timm.create_model(meta["model"], **kwargs)
     mismatch = describe_mismatch(model.state_dict(), state_dict)
     if mismatch:
-        raise EvalError(f"{ckpt_dir} does not fit model {meta['model']}({kwargs}): {mismatch}")
+        raise EvalError(f"{ckpt_dir} does not fit model {meta['model']}({kwargs}): {'; '.join(mismatch)}")
     model.load_state_dict(state_dict, strict=True)
     identity = dict(
         model=meta["model"], checkpoint=str(ckpt_dir), step=meta.get("step"), epoch=meta.get("epoch"), ema=ema
@@ -263,9 +187,15 @@ def load_checkpoint(args) -> tuple[torch.nn.Module, dict, dict | None]:
 
     if not args.model:
         raise EvalError(f"{path} has no meta.json beside it, so pass --model NAME (a timm model name)")
-    state_dict, extra = unwrap_state_dict(read_weight_file(path), path, args.ema)
+    try:
+        checkpoint = read_checkpoint_file(path)
+        state_dict = unwrap_state_dict(checkpoint, ema=args.ema, source=str(path))
+    except MissingWeightsError as e:  # unlike timm's loader, never fall back to the other weights
+        raise EvalError(f"{e}; {'drop' if args.ema else 'pass'} --ema") from e
+    except CheckpointError as e:
+        raise EvalError(str(e)) from e
     model = load_external_model(args.model, args.model_kwargs, state_dict, path)
-    epoch = extra.get("epoch")
+    epoch = checkpoint.get("epoch")
     identity = dict(
         model=args.model,
         checkpoint=str(path),

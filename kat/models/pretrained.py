@@ -1,8 +1,10 @@
 """Loading published KAT checkpoints and our own training checkpoints into the timm models.
 
-`load_checkpoint_file` reads a local file safely: `.pth`/`.pt` with torch.load(weights_only=True), `.safetensors`
-with safetensors. We do not hand local files to timm: timm before 1.0.2x reads them with
-torch.load(weights_only=False), which runs whatever code the pickle contains.
+`read_checkpoint_file` reads a local file safely: `.pth`/`.pt` with torch.load(weights_only=True),
+`.safetensors` with safetensors. We do not hand local files to timm: timm before 1.0.2x reads them with
+torch.load(weights_only=False), which runs whatever code the pickle contains. `unwrap_state_dict` finds the
+weights inside a training checkpoint, `describe_mismatch` names the keys that do not fit a model; eval.py uses
+all three.
 
 `checkpoint_filter_fn` is the timm `pretrained_filter_fn`: it turns a checkpoint (published layout, KAT_FACTS
 section 1, or ours) into the model's state dict and fails with the mismatched keys named when it does not fit.
@@ -14,41 +16,37 @@ import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
+from timm.models import clean_state_dict
 from torch import Tensor, nn
 
-# Training-checkpoint wrappers, in order of preference. Non-EMA weights first: the published KAT accuracies were
-# measured on them (timm's validate.py reads 'state_dict' unless asked for the EMA).
-_WRAPPER_KEYS = ("model", "state_dict", "state_dict_ema", "model_ema")
-# Key prefixes left by DistributedDataParallel and by torch.compile's wrapper module.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Where training scripts nest the weights (DeiT: 'model', timm: 'state_dict') and their EMA.
+_WEIGHTS_KEYS = ("model", "state_dict")
+_EMA_KEYS = ("state_dict_ema", "model_ema")
+# timm's and DeiT's training scripts store their command line (an argparse.Namespace) next to the weights.
+_SAFE_GLOBALS = [argparse.Namespace]
 _MAX_LISTED = 8
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: unreadable, holding code, or not holding the weights asked for."""
+
+
+class MissingWeightsError(CheckpointError):
+    """The checkpoint lacks the weights asked for: no EMA weights for ema=True, only EMA ones for ema=False."""
+
+
+class CheckpointMismatchError(CheckpointError):
     """A checkpoint's keys or shapes do not fit the model it is loaded into.
 
     A ValueError, not a TypeError: timm's load_pretrained retries filter functions that raise TypeError.
     """
 
 
-def unwrap_state_dict(checkpoint: dict) -> dict[str, Tensor]:
-    """The model weights inside `checkpoint`, without training wrappers or wrapper-module key prefixes."""
-    for key in _WRAPPER_KEYS:
-        if isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
-            break
-    state_dict = {}
-    for key, value in checkpoint.items():
-        for prefix in _WRAPPER_PREFIXES:
-            key = key.removeprefix(prefix)
-        state_dict[key] = value
-    return state_dict
-
-
-def load_checkpoint_file(path: str | Path) -> dict[str, Tensor]:
-    """Read a local checkpoint (.safetensors, or a torch .pth/.pt) on CPU and return its unwrapped weights."""
+def read_checkpoint_file(path: str | Path) -> dict:
+    """A local checkpoint file's top-level dict (weights and any training wrappers), read on CPU as data."""
     path = Path(path)
     if path.is_dir():
         raise FileNotFoundError(
@@ -60,20 +58,94 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Tensor]:
         if path.suffix == ".safetensors":
             checkpoint = load_file(path, device="cpu")
         else:
-            # timm's and DeiT's training scripts store their argparse.Namespace next to the weights.
-            with torch.serialization.safe_globals([argparse.Namespace]):
+            with torch.serialization.safe_globals(_SAFE_GLOBALS):
                 checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"checkpoint {path} holds Python objects that torch.load(weights_only=True) refuses to load. If you "
-            "trust the file, re-save just its weights (torch.save(torch.load(path, weights_only=False)"
-            f"['state_dict'], 'weights.pth')) and load that.\n{e}"
+        unsafe = _unsafe_globals(path)
+        if not unsafe:
+            raise _unreadable(path, e) from e
+        raise CheckpointError(
+            f"checkpoint {path} holds Python objects ({_abbrev(unsafe)}) that torch.load(weights_only=True) "
+            "refuses to load: checkpoints are data, never code. If you trust the file, re-save just its weights "
+            "(torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pth')) and load that."
         ) from e
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise _unreadable(path, e) from e
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict")
-    return unwrap_state_dict(checkpoint)
+        raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict")
+    return checkpoint
+
+
+def load_checkpoint_file(path: str | Path) -> dict[str, Tensor]:
+    """Read a local checkpoint (.safetensors, or a torch .pth/.pt) on CPU and return its unwrapped weights."""
+    return unwrap_state_dict(read_checkpoint_file(path), source=f"checkpoint {path}")
+
+
+def _unreadable(path: Path, error: Exception) -> CheckpointError:
+    reason = (str(error).strip() or type(error).__name__).splitlines()[0].split(". ")[0]
+    return CheckpointError(f"cannot read {path}: it is truncated or corrupt ({reason})")
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """Names of the non-tensor Python objects a torch.save file would unpickle (scanned, not executed)."""
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError):  # not a readable torch.save file
+        return []
+
+
+def unwrap_state_dict(
+    checkpoint: dict, ema: bool | None = None, source: str = "checkpoint"
+) -> dict[str, Tensor]:
+    """The model weights inside `checkpoint`, without training wrappers or wrapper-module key prefixes.
+
+    ema=None takes the first of 'model', 'state_dict', 'state_dict_ema', 'model_ema': non-EMA weights first, as
+    the published KAT accuracies were measured on them. ema=True/False takes only the EMA / only the non-EMA
+    weights (MissingWeightsError if absent), so that asking for one never silently gives the other.
+    """
+    keys = {None: _WEIGHTS_KEYS + _EMA_KEYS, True: _EMA_KEYS, False: _WEIGHTS_KEYS}[ema]
+    found = next((k for k in keys if isinstance(checkpoint.get(k), dict)), None)
+    if found is not None:
+        checkpoint = checkpoint[found]
+    elif ema:
+        raise MissingWeightsError(
+            f"{source} holds no EMA weights (no {' or '.join(repr(k) for k in _EMA_KEYS)} entry)"
+        )
+    elif ema is False and any(isinstance(checkpoint.get(k), dict) for k in _EMA_KEYS):
+        raise MissingWeightsError(f"{source} holds only EMA weights")
+    state_dict = clean_state_dict(checkpoint)  # drops 'module.' / '_orig_mod.' wrapper prefixes
+    non_tensors = [k for k, v in state_dict.items() if not isinstance(v, Tensor)]
+    if non_tensors:
+        raise CheckpointError(
+            f"{source}: entries {_abbrev(non_tensors)} are not tensors; is this a model state_dict?"
+        )
+    return state_dict
+
+
+def describe_mismatch(expected: dict[str, Tensor], given: dict[str, Tensor]) -> list[str]:
+    """One line per kind of misfit of `given` against `expected`: shapes, missing keys, unexpected keys.
+
+    Empty when `given` fits; each line names up to 8 keys, in the model's order, then how many more.
+    """
+    mismatched = [
+        f"{k} {tuple(given[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in given and tuple(given[k].shape) != tuple(v.shape)
+    ]
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    kinds = (
+        ("shape mismatches (checkpoint vs model)", mismatched),
+        ("keys missing from the checkpoint", missing),
+        ("unexpected keys in the checkpoint", unexpected),
+    )
+    return [f"{len(keys)} {what}: {_abbrev(keys)}" for what, keys in kinds if keys]
+
+
+def _abbrev(items: list[str]) -> str:
+    more = f", ... ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
+    return ", ".join(items[:_MAX_LISTED]) + more
 
 
 def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict[str, Tensor]:
@@ -131,19 +203,9 @@ def check_state_dict_fits(state_dict: dict[str, Tensor], model: nn.Module) -> No
     expected = {k: v for k, v in model.state_dict().items() if k not in adapted}
     given = {k: v for k, v in state_dict.items() if k not in adapted}
 
-    mismatched = [
-        f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
-        for k, v in given.items()
-        if k in expected and tuple(getattr(v, "shape", ())) != tuple(expected[k].shape)
-    ]
-    missing = [k for k in expected if k not in given]
-    unexpected = [k for k in given if k not in expected]
-    if not (mismatched or missing or unexpected):
+    mismatch = describe_mismatch(expected, given)
+    if not mismatch:
         return
-
-    def listing(what: str, items: list[str]) -> str:
-        more = f", ... ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
-        return f"\n  {len(items)} {what}: " + ", ".join(items[:_MAX_LISTED]) + more
 
     arch = (
         f"embed_dim={model.embed_dim}, depth={len(model.blocks)}, "
@@ -151,9 +213,7 @@ def check_state_dict_fits(state_dict: dict[str, Tensor], model: nn.Module) -> No
     )
     raise CheckpointMismatchError(
         f"checkpoint does not fit {type(model).__name__}({arch}):"
-        + (listing("shape mismatches (checkpoint vs model)", mismatched) if mismatched else "")
-        + (listing("keys missing from the checkpoint", missing) if missing else "")
-        + (listing("unexpected keys in the checkpoint", unexpected) if unexpected else "")
+        + "".join(f"\n  {line}" for line in mismatch)
         + "\nBuild the model the checkpoint was trained as (published weights: kat_{tiny,small,base}_patch16_224; "
         "our checkpoints: 'model' and 'model_kwargs' in the checkpoint's meta.json)."
     )
