@@ -5,6 +5,7 @@ on 2 cores. Most runs call train() in-process (no interpreter start-up); the two
 users type (`python train.py`, `accelerate launch`) run them as subprocesses.
 """
 
+import csv
 import json
 import os
 import shutil
@@ -85,6 +86,14 @@ def test_demo_config_with_python_train_py(tmp_path):
         final["step"] == 4 and final["val"]["num_images"] == 1000 and final["val_ema"]["num_images"] == 1000
     )
     assert records(run_dir, "run")[0]["rational_backend"] == "torch"
+    # The same records as CSV: one row per record, the same numbers (peak_memory_gb is empty on a CPU).
+    with open(run_dir / "steps.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4] and rows[0]["peak_memory_gb"] == ""
+    assert [float(r["loss"]) for r in rows] == [r["loss"] for r in steps]
+    with open(run_dir / "evals.csv", newline="") as f:
+        (row,) = csv.DictReader(f)
+    assert float(row["val_top1"]) == final["val"]["top1"] and int(row["val_ema_num_images"]) == 1000
 
     assert parse_config(["--config", str(run_dir / "config.yaml")]).max_steps == 4
     # keep_checkpoints 1: step-2 was pruned after step-4 was complete; latest and best name step-4.
@@ -139,6 +148,8 @@ def test_resumed_run_continues_exactly(tmp_path, digits):
     again = run("resumed", 6)
     assert again["val"]["top1"] == resumed["val"]["top1"]
     assert len(records(b, "step")) == 6
+    with open(b / "steps.csv", newline="") as f:  # one header, the resumed rows appended
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4, 5, 6]
     # --resume none never touches an existing run.
     assert train_script.main([*common, "--run_name", "resumed", "--resume", "none", *TINY, *QUIET]) == 2
 

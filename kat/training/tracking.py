@@ -5,13 +5,17 @@ metrics.jsonl has one JSON object per line, `type` says which kind:
          data_time (+ peak_memory_gb on CUDA)
   eval   after each evaluation: step, epoch, epoch_time, train_loss, val {top1, top5, loss, ...}, val_ema {...}
   run    once per launch: what was started or resumed, with which rational backend
+The step and eval records are also appended to steps.csv and evals.csv (fixed columns, nested val/val_ema
+results flattened to val_top1, ...; empty where a value is absent or not finite), for spreadsheets and pandas.
 W&B gets the same numbers as train/*, val/*, val_ema/* charts against our own `step` axis (so a resumed run's
 curves continue instead of restarting), the resolved config, and the rational-function plots as images.
 wandb is imported only when used: the GPU machines may not have it.
 """
 
+import csv
 import json
 import logging
+import math
 import netrc
 import os
 import secrets
@@ -21,6 +25,52 @@ from urllib.parse import urlparse
 logger = logging.getLogger(__name__)
 
 WANDB_ID_FILE = "wandb_run_id"
+STEP_COLUMNS = (
+    "step",
+    "epoch",
+    "loss",
+    "lr",
+    "grad_norm",
+    "skipped_steps",
+    "images_per_sec",
+    "step_time",
+    "data_time",
+    "peak_memory_gb",
+)
+_RESULTS = ("top1", "top5", "loss", "num_images", "images_per_sec")
+EVAL_COLUMNS = (
+    "step",
+    "epoch",
+    "epoch_time",
+    "train_loss",
+    *(f"{split}_{k}" for split in ("val", "val_ema") for k in _RESULTS),
+)
+
+
+class CsvLog:
+    """Rows appended to a CSV file with fixed columns; the header is written when the file is new (a resumed run
+    continues the same file)."""
+
+    def __init__(self, path: Path, columns: tuple[str, ...]):
+        new = not path.is_file() or path.stat().st_size == 0
+        self.file = open(path, "a", newline="", buffering=1)  # noqa: SIM115 (closed in close)
+        self.writer = csv.DictWriter(self.file, columns, restval="", extrasaction="ignore")
+        if new:
+            self.writer.writeheader()
+
+    def write(self, record: dict) -> None:
+        flat = {}
+        for key, value in record.items():
+            if isinstance(value, dict):  # val / val_ema results
+                flat |= {f"{key}_{k}": v for k, v in value.items()}
+            else:
+                flat[key] = value
+        self.writer.writerow(
+            {k: "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else v for k, v in flat.items()}
+        )
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def _wandb_logged_in() -> bool:
@@ -51,6 +101,8 @@ class RunTracker:
         if not is_main:
             return
         self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 (closed in finish)
+        self.step_csv = CsvLog(run_dir / "steps.csv", STEP_COLUMNS)
+        self.eval_csv = CsvLog(run_dir / "evals.csv", EVAL_COLUMNS)
         mode = resolve_wandb_mode(cfg.wandb_mode)
         if mode == "disabled":
             return
@@ -96,6 +148,7 @@ class RunTracker:
         if not self.is_main:
             return
         self._write({"type": "step", **record})
+        self.step_csv.write(record)
         if self.wandb is not None:
             skip = ("step", "epoch")
             self.wandb.log(
@@ -107,6 +160,7 @@ class RunTracker:
         if not self.is_main:
             return
         self._write({"type": "eval", **record})
+        self.eval_csv.write(record)
         if self.wandb is not None:
             import wandb
 
@@ -123,5 +177,7 @@ class RunTracker:
         if not self.is_main:
             return
         self.jsonl.close()
+        self.step_csv.close()
+        self.eval_csv.close()
         if self.wandb is not None:
             self.wandb.finish()
