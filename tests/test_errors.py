@@ -162,7 +162,9 @@ def config_cases(tmp: Path) -> dict:
             ["fsdp: true shards the model over GPUs", "(cpu: true); set fsdp: false"],
         ),
         "config-accelerate-fsdp-launch": (
-            lambda: with_env({"ACCELERATE_USE_FSDP": "true"}, lambda: Trainer(parse_config(["--cpu", "true", *QUIET]))),
+            lambda: with_env(
+                {"ACCELERATE_USE_FSDP": "true"}, lambda: Trainer(parse_config(["--cpu", "true", *QUIET]))
+            ),
             ConfigError,
             ["accelerate was launched with FSDP", "set fsdp: true"],
         ),

@@ -10,8 +10,9 @@ the new one is in place. A checkpoint damaged afterwards (a partial copy, a full
 recognised without loading it: every file must be present and whole (safetensors: header and size agree;
 training_state.pt: a complete zip archive; optimizer/: DCP's .metadata, written last), and resuming skips such a
 checkpoint with a warning. Reading weights (eval.py, init_from) needs only meta.json and the weights files, so
-a checkpoint shared without training_state.pt and optimizer/ still evaluates. Under FSDP every process writes its optimizer shard into the same temp directory
-(`begin_checkpoint`, whose name depends only on the step) before rank 0 completes it with `save_checkpoint`.
+a checkpoint shared without training_state.pt and optimizer/ still evaluates. Under FSDP every process writes
+its optimizer shard into the same temp directory (`begin_checkpoint`, whose name depends only on the step)
+before rank 0 completes it with `save_checkpoint`.
 """
 
 import json
@@ -163,7 +164,9 @@ def read_checkpoint(path: str | Path, ema: bool = False) -> tuple[dict, dict]:
     if ema and not meta.get("has_ema"):
         raise ValueError(f"checkpoint '{checkpoint_dir}' has no EMA weights (the run had model_ema: false)")
     if ema and not _safetensors_whole(checkpoint_dir / EMA_FILE):
-        raise ValueError(f"checkpoint '{checkpoint_dir}': {checkpoint_dir / EMA_FILE} is missing, truncated or corrupt")
+        raise ValueError(
+            f"checkpoint '{checkpoint_dir}': {checkpoint_dir / EMA_FILE} is missing, truncated or corrupt"
+        )
     return load_file(checkpoint_dir / (EMA_FILE if ema else MODEL_FILE)), meta
 
 

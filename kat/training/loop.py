@@ -304,9 +304,9 @@ class Trainer:
         cfg = self.cfg
         if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not cfg.fsdp:
             raise ConfigError(
-                "accelerate was launched with FSDP (distributed_type: FSDP in its config file, or --use_fsdp), but "
-                "the training config has fsdp: false; train.py sets FSDP up itself: set fsdp: true (or --fsdp) "
-                "and launch without accelerate's FSDP options"
+                "accelerate was launched with FSDP (distributed_type: FSDP in its config file, or --use_fsdp), "
+                "but the training config has fsdp: false; train.py sets FSDP up itself: set fsdp: true (or "
+                "--fsdp) and launch without accelerate's FSDP options"
             )
         if not cfg.fsdp:
             return None
@@ -319,8 +319,8 @@ class Trainer:
             return fsdp_plugin()
         except TypeError as error:  # no fsdp_version argument: an Accelerate from before FSDP2 support
             raise ConfigError(
-                f"fsdp: true needs Accelerate with FSDP2 support (>= 1.6), this is {accelerate.__version__} ({error});"
-                " pip install -U accelerate"
+                f"fsdp: true needs Accelerate with FSDP2 support (>= 1.6), this is {accelerate.__version__} "
+                f"({error}); pip install -U accelerate"
             ) from error
 
     def _build_data(self) -> None:
