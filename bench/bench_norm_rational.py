@@ -191,11 +191,12 @@ def sweep_shape(channels, device, bandwidth):
             for per_sm in (1, 2, 4, 8):
                 if warps * per_sm > 64:  # more warps than an SM holds
                     continue
-                cfg = {"BLOCK_N": block_n, "num_warps": warps, "programs_per_sm": per_sm}
-                ms = graph_ms(functools.partial(backward, config=cfg))
-                mark = "*" if cfg == bwd_default else " "
-                pct = 10 * elements / bandwidth / ms / 1e-5
-                print(f" {mark}bwd C={channels} {cfg}: {ms:.4f} ms, {pct:.0f}%")
+                for stages in (1, 2, 3):
+                    cfg = {"BLOCK_N": block_n, "num_warps": warps, "programs_per_sm": per_sm, "num_stages": stages}
+                    ms = graph_ms(functools.partial(backward, config=cfg))
+                    mark = "*" if cfg == bwd_default else " "
+                    pct = 10 * elements / bandwidth / ms / 1e-5
+                    print(f" {mark}bwd C={channels} {cfg}: {ms:.4f} ms, {pct:.0f}%", flush=True)
 
 
 def sweep(channels_list, device, bandwidth):
@@ -213,6 +214,7 @@ def main():
     parser.add_argument("--json", type=Path, help="write all results to this JSON file")
     parser.add_argument("--channels", default="192,384,768", help="comma-separated C values")
     parser.add_argument("--sweep", action="store_true", help="also time kernel tile configurations")
+    parser.add_argument("--sweep_only", action="store_true", help="only the sweep (no checks, no method timings)")
     parser.add_argument("--device", default="cuda", help="e.g. cuda:1 (the kernels run on any CUDA device)")
     parser.add_argument("--batch", type=int, default=128)
     args = parser.parse_args()
@@ -230,6 +232,9 @@ def main():
 
     print(f"\nfused op vs float64 unfused reference ({SHAPE + ['C']}, fp32 in, bf16 out, {GROUPS} groups):")
     correctness = {}
+    sweep_channels = channels_list
+    if args.sweep_only:
+        channels_list = []
     for channels in channels_list:
         r = check_correctness(channels, device)
         correctness[str(channels)] = r
@@ -268,8 +273,8 @@ def main():
                 f"{r['host_fwd_bwd_ms']:8.4f} {r['saved_MB']:8.1f}"
             )
         torch.cuda.empty_cache()
-    if args.sweep:
-        sweep(channels_list, device, bandwidth)
+    if args.sweep or args.sweep_only:
+        sweep(sweep_channels, device, bandwidth)
     finish(args.json, info, correctness, timings)
 
 

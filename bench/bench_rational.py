@@ -150,32 +150,38 @@ def time_methods(channels, dtype, device, compile_it, public) -> dict:
 
 
 def sweep_shape(channels, dtype_name, dtype, device, bandwidth):
+    """Forward and backward kernel times over tile configurations, with fc1's bias fused (KANMlp's act2)."""
     x, num, den, dy = make_inputs(channels, dtype, device, requires_grad=False)
+    bias = torch.randn(channels, device=device)
     size = x.numel() * x.element_size()
     block_c = kernels.block_channels(channels // GROUPS)
+    fwd_default = kernels.forward_config(channels // GROUPS)
+    bwd_default = kernels.backward_config(channels // GROUPS)
     for elements in (4096, 8192, 16384):
         for warps in (4, 8):
             cfg = {"BLOCK_N": elements // block_c, "BLOCK_C": block_c, "num_warps": warps}
-            ms = median_ms(lambda cfg=cfg: kernels.rational_forward(x, num, den, cfg))
-            print(
-                f"  fwd C={channels} {dtype_name} {cfg}: {ms:.4f} ms, {2 * size / bandwidth / ms / 1e-5:.0f}%"
-            )
-    for elements, warps in ((512, 2), (1024, 2), (1024, 4), (2048, 4), (2048, 8), (4096, 8)):
-        for per_sm in (4, 8):
-            cfg = {"BLOCK_N": max(1, elements // block_c), "BLOCK_C": block_c, "num_warps": warps}
-            cfg["programs_per_sm"] = per_sm
-            ms = median_ms(lambda cfg=cfg: kernels.rational_backward(dy, x, num, den, cfg))
-            print(
-                f"  bwd C={channels} {dtype_name} {cfg}: {ms:.4f} ms, {3 * size / bandwidth / ms / 1e-5:.0f}%"
-            )
+            ms = median_ms(lambda cfg=cfg: kernels.rational_forward(x, num, den, bias, config=cfg))
+            mark = "*" if cfg == fwd_default else " "
+            pct = 2 * size / bandwidth / ms / 1e-5
+            print(f" {mark}fwd C={channels} {dtype_name} {cfg}: {ms:.4f} ms, {pct:.0f}%", flush=True)
+    for elements in (1024, 2048):
+        for warps in (4, 8):
+            for stages in (1, 2, 3):
+                for per_sm in (2, 4, 8):
+                    cfg = {"BLOCK_N": max(1, elements // block_c), "BLOCK_C": block_c, "num_warps": warps,
+                           "programs_per_sm": per_sm, "num_stages": stages}  # fmt: skip
+                    ms = median_ms(lambda cfg=cfg: kernels.rational_backward(dy, x, num, den, bias, config=cfg))
+                    mark = "*" if cfg == bwd_default else " "
+                    pct = 3 * size / bandwidth / ms / 1e-5
+                    print(f" {mark}bwd C={channels} {dtype_name} {cfg}: {ms:.4f} ms, {pct:.0f}%", flush=True)
 
 
-def sweep(device, bandwidth):
+def sweep(device, bandwidth, channels_list, dtype_names):
     """Times the Triton kernels alone over a few tile configurations (to tune the heuristics in kernels.py)."""
-    print("\nsweep of tile configurations (graph-timed, % of the kernel's own floor):")
-    for channels in (384, 1536):
-        for dtype_name, dtype in DTYPES.items():
-            sweep_shape(channels, dtype_name, dtype, device, bandwidth)
+    print("\nsweep of tile configurations (graph-timed, % of the kernel's own floor; * = current default):")
+    for channels in channels_list:
+        for dtype_name in dtype_names:
+            sweep_shape(channels, dtype_name, DTYPES[dtype_name], device, bandwidth)
 
 
 def main():
@@ -185,7 +191,10 @@ def main():
     parser.add_argument("--json", type=Path, help="write all results to this JSON file")
     parser.add_argument("--channels", default="192,384,768,1536,3072", help="comma-separated C values")
     parser.add_argument("--compile-channels", default="1536", help="C values that also time torch.compile")
-    parser.add_argument("--sweep", action="store_true", help="also time kernel tile configurations (~2 min)")
+    parser.add_argument("--sweep", action="store_true", help="also time kernel tile configurations (minutes)")
+    parser.add_argument("--sweep_channels", default="768,1536,3072", help="C values of the sweep (act2's)")
+    parser.add_argument("--sweep_dtypes", default="bf16,fp32", help="dtypes of the sweep")
+    parser.add_argument("--sweep_only", action="store_true", help="skip the checks and method timings")
     parser.add_argument("--device", default="cuda", help="e.g. cuda:1 (the kernels run on any CUDA device)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=197)
@@ -203,6 +212,8 @@ def main():
     if public is None:
         print(f"kat_rational (public kernel): not timed ({reason})")
 
+    if args.sweep_only:
+        channels_list = []
     print(f"\ncorrectness of the Triton op vs float64 reference ([{SHAPE[0]}, {SHAPE[1]}, C], 8 groups):")
     correctness = {}
     for channels in channels_list:
@@ -247,8 +258,9 @@ def main():
                     f"{r['fwd_bwd_ms']:8.4f} {row['fwd_bwd_pct_floor']:4.0f}  {notes}"
                 )
             torch.cuda.empty_cache()
-    if args.sweep:
-        sweep(device, bandwidth)
+    if args.sweep or args.sweep_only:
+        sweep_channels = [int(c) for c in args.sweep_channels.split(",")]
+        sweep(device, bandwidth, sweep_channels, args.sweep_dtypes.split(","))
     finish(args.json, info, correctness, timings)
 
 

@@ -6,6 +6,7 @@ rounds) so that clock or thermal drift hits every model alike; the median round 
 
     python bench/bench_train.py --json $OUT/train.json               # kat/vit tiny, small, base; eager + compile
     python bench/bench_train.py --models kat_small,vit_small_patch16_224 --compile off --profile
+    python bench/bench_train.py --models kat_small,kat_small@fuse_bias_act=0,vit_small_patch16_224  # a variant
 
 Peak memory is the step's peak of allocated memory attributable to that model: everything this model holds
 (parameters, gradients, optimizer state) plus its activations, excluding the other resident models.
@@ -33,7 +34,16 @@ DROP_PATH = {"tiny": 0.1, "small": 0.1, "base": 0.4}  # the recipe's (KAT_FACTS 
 
 
 def size_of(name: str) -> str:
-    return next(size for size, pair in PAIRS.items() if name in pair)
+    return next(size for size, pair in PAIRS.items() if name.split("@")[0] in pair)
+
+
+def model_kwargs(name: str) -> dict:
+    """'kat_small@fuse_bias_act=0' -> {'fuse_bias_act': False}: a variant of a model, timed beside it."""
+    kwargs = {}
+    for item in name.split("@")[1:]:
+        key, value = item.split("=")
+        kwargs[key] = bool(int(value)) if value in ("0", "1") else value
+    return kwargs
 
 
 class Runner:
@@ -41,8 +51,8 @@ class Runner:
 
     def __init__(self, name: str, batch: int, img_size: int, compile_mode: str | None, device):
         self.name, self.batch, self.compiled = name, batch, compile_mode
-        model = timm.create_model(name, num_classes=1000, img_size=img_size,
-                                  drop_path_rate=DROP_PATH[size_of(name)]).to(device)
+        model = timm.create_model(name.split("@")[0], num_classes=1000, img_size=img_size,
+                                  drop_path_rate=DROP_PATH[size_of(name)], **model_kwargs(name)).to(device)
         self.model = torch.compile(model, mode=compile_mode) if compile_mode else model
         self.raw_model = model
         self.optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
@@ -129,7 +139,7 @@ def check_fused_against_unfused(name: str, device, batch: int = 16) -> dict:
     """
     torch.manual_seed(0)
     fused = timm.create_model(name, num_classes=1000).to(device)
-    plain = timm.create_model(name, num_classes=1000, fuse_norm_act=False).to(device)
+    plain = timm.create_model(name, num_classes=1000, fuse_norm_act=False, fuse_bias_act=False).to(device)
     plain.load_state_dict(fused.state_dict())
     images = torch.randn(batch, 3, 224, 224, device=device)
     outputs, grads = [], []
@@ -177,7 +187,7 @@ def main():
 
     if not args.no_check:
         for name in names:
-            if name.startswith("kat"):
+            if name.startswith("kat") and "@" not in name:
                 check = check_fused_against_unfused(name, device)
                 results.setdefault("fused_check", []).append(check)
                 print(f"fused vs unfused {name}: logits rel err {check['logits_rel_err']:.2e}, "

@@ -88,15 +88,21 @@ def test_every_parameter_gets_a_gradient_with_the_official_init():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_fused_norm_act_computes_the_unfused_block(monkeypatch, backend):
-    """KatBlock's fused norm2 -> act1 gives the unfused model's outputs and gradients (same weights)."""
+@pytest.mark.parametrize("fusion", ["fuse_norm_act", "fuse_bias_act"])
+def test_fused_paths_compute_the_unfused_block(monkeypatch, backend, fusion):
+    """KatBlock's fused norm2 -> act1 and KANMlp's fc1 bias inside act2 give the unfused model's outputs and
+    gradients (same weights)."""
     monkeypatch.setenv("KAT_RATIONAL_BACKEND", backend)  # 'triton' on CPU: the Triton interpreter (conftest)
     results = []
     for fuse in (True, False):
         torch.manual_seed(0)
         model = timm.create_model("kat_tiny", img_size=32, patch_size=8, depth=2, num_classes=10,
-                                  fuse_norm_act=fuse)
-        assert all(block.fuse_norm_act == fuse for block in model.blocks)
+                                  **{fusion: fuse})
+        holders = model.blocks if fusion == "fuse_norm_act" else [block.mlp for block in model.blocks]
+        assert all(getattr(holder, fusion) == fuse for holder in holders)
+        with torch.no_grad():  # the init zeroes fc1's bias: give the fused add something to add
+            for block in model.blocks:
+                block.mlp.fc1.bias.normal_(generator=torch.Generator().manual_seed(2))
         x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
         y = model(x)
         y.square().sum().backward()

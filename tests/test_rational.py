@@ -1,6 +1,8 @@
 """The GR-KAN operator: Triton kernels (via the interpreter on CPU) and the torch backend against the fp64
 reference, the sign(0) = +1 convention, determinism, non-contiguous inputs, autocast, input errors."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from rounding import assert_rounded_close, relative_error
@@ -65,6 +67,54 @@ def test_matches_fp64_reference(backend, dtype, n, channels, groups, gn, gd):
     assert d_num.shape == (gn, 6) and d_den.shape == (gd, 4)
     assert relative_error(d_num, d_num64) <= 1e-6
     assert relative_error(d_den, d_den64) <= 1e-6
+
+
+def run_with_bias(x, numerator, denominator, bias, grad_output, backend):
+    """(y, dx, d numerator, d denominator, d bias) of F(x + bias) through the fused bias argument."""
+    x, num, den, bias = (t.detach().clone().requires_grad_(True) for t in (x, numerator, denominator, bias))
+    y = group_rational(x, num, den, backend=backend, bias=bias)
+    y.backward(grad_output)
+    return y.detach(), x.grad, num.grad, den.grad, bias.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n, channels, groups, gn, gd", [(37, 48, 8, 1, 8), (19, 40, 8, 8, 1), (70, 96, 8, 1, 8)])
+def test_fused_bias_matches_fp64_reference(backend, dtype, n, channels, groups, gn, gd):
+    """F(x + bias) with the bias added inside the op equals the unfused add -> F in float64: values, dx, the
+    coefficient gradients and d bias (= dx summed over rows, from the op's backward kernel)."""
+    x, numerator, denominator = make_inputs(n, channels, groups, gn, gd, dtype, edge=dtype == torch.float32)
+    gen = torch.Generator().manual_seed(2)
+    bias = torch.randn(channels, generator=gen)
+    large = 30.0 if dtype == torch.float32 else 1.0  # F(x + 30) overflows fp16
+    bias[:3] = torch.tensor([0.0, large, -x[1, 2].float().item()])  # zero, large, and x + b = 0 exactly
+    grad_output = torch.randn(x.shape, generator=gen).to(dtype)
+    y, dx, d_num, d_den, d_bias = run_with_bias(x, numerator, denominator, bias, grad_output, backend)
+
+    # The oracle: the add x + b rounded once to fp32 (the op's math is fp32, as a fp32 linear layer's output
+    # would be; in float64 the rounding of x = 1e4 + b alone moves the x^5 terms by ~1e-6), then the float64
+    # reference activation without a bias, differentiated by autograd through the add.
+    h = (x.float() + bias).double().requires_grad_(True)
+    num64, den64 = numerator.double().requires_grad_(True), denominator.double().requires_grad_(True)
+    y64 = group_rational_reference(h, num64, den64)
+    y64.backward(grad_output.double())
+    x64, b64 = h, SimpleNamespace(grad=h.grad.reshape(-1, channels).sum(0))  # d/dx = d/db = dF/dh
+    assert_rounded_close(y, y64.detach(), dtype, backend)
+    assert_rounded_close(dx, x64.grad, dtype, backend)
+    assert d_bias.dtype == bias.dtype and d_bias.shape == (channels,)
+    assert relative_error(d_bias, b64.grad) <= 1e-6
+    assert relative_error(d_num, num64.grad) <= 1e-6 and relative_error(d_den, den64.grad) <= 1e-6
+    if backend == "triton":  # the bias gradient is reduced in a fixed order too
+        again = run_with_bias(x, numerator, denominator, bias, grad_output, backend)
+        assert all(torch.equal(a, b) for a, b in zip(again, (y, dx, d_num, d_den, d_bias)))
+
+
+def test_fused_bias_errors():
+    x, numerator, denominator = make_inputs(4, 16, 4, 1, 4, torch.float32)
+    with pytest.raises(ValueError, match=r"bias must have shape \(C,\) = \(16,\).*got \(8,\)"):
+        group_rational(x, numerator, denominator, bias=torch.zeros(8))
+    with pytest.raises(TypeError, match="bias has dtype torch.int64"):
+        group_rational(x, numerator, denominator, bias=torch.zeros(16, dtype=torch.long))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -245,18 +295,18 @@ def test_opcheck():
     x, numerator, denominator = make_inputs(6, 16, 4, 1, 4, torch.float32)
     grad_output = torch.randn(6, 16)
     for backend in BACKENDS:
-        for num in (numerator, torch.randn(4, 6)):
+        for num, bias in ((numerator, None), (torch.randn(4, 6), None), (numerator, torch.randn(16))):
+            bias = None if bias is None else bias.requires_grad_(True)
             args = (
                 x.requires_grad_(True),
                 num.requires_grad_(True),
                 denominator.requires_grad_(True),
+                bias,
                 backend,
             )
             torch.library.opcheck(rational_op._group_rational_fwd, args)
-            torch.library.opcheck(
-                rational_op._group_rational_bwd,
-                (grad_output, x.detach(), num.detach(), denominator.detach(), backend),
-            )
+            plain = (t if t is None else t.detach() for t in (x, num, denominator, bias))
+            torch.library.opcheck(rational_op._group_rational_bwd, (grad_output, *plain, backend))
 
 
 def test_torch_compile_fullgraph_cpu():
@@ -304,3 +354,14 @@ def test_cuda_kernels_match_reference_and_are_deterministic():
         assert relative_error(d_num, d_num64) <= 1e-6 and relative_error(d_den, d_den64) <= 1e-6
         again = run(x, numerator, denominator, grad_output, "triton")
         assert torch.equal(again[2], d_num) and torch.equal(again[3], d_den)
+
+        bias = torch.randn(x.shape[-1], device=device)  # fc1's bias fused into the op (KANMlp)
+        fused = run_with_bias(x, numerator, denominator, bias, grad_output, backend)
+        h = (x.float() + bias).double()
+        y64, dh64, d_num64, d_den64 = reference64(h, numerator, denominator, grad_output)
+        assert_rounded_close(fused[0], y64, dtype, backend)
+        assert_rounded_close(fused[1], dh64, dtype, backend)
+        assert relative_error(fused[2], d_num64) <= 1e-6 and relative_error(fused[3], d_den64) <= 1e-6
+        assert relative_error(fused[4], dh64.sum(0)) <= 1e-6
+        again = run_with_bias(x, numerator, denominator, bias, grad_output, backend)
+        assert all(torch.equal(a, b) for a, b in zip(again, fused))

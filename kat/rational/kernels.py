@@ -3,11 +3,13 @@
 x is viewed as a row-major [N, C] matrix (channels last). A program owns a block of BLOCK_C channels inside one
 group, so its 10 coefficients are scalars loaded once (no per-channel registers), and streams rows:
   forward:  a grid of (row tiles x channel blocks), one [BLOCK_N, BLOCK_C] tile per program; reads x, writes y.
-  backward: a grid of (channel blocks x row programs); each row program walks a strided set of row tiles,
-            accumulating the 10 coefficient-gradient terms per element in fp32 registers, and at the end
-            writes their sums over its tiles to a [row programs, channel blocks, 10] buffer. No atomics: a
-            second small kernel sums the partials in a fixed order in float64, so coefficient gradients are
-            bitwise identical run to run (and accurate to ~1e-7).
+  backward: a grid of (channel blocks x row programs); each row program walks a strided set of row tiles
+            (software-pipelined loads), accumulating the 10 coefficient-gradient terms per element in fp32
+            registers, and at the end writes their sums over its tiles to a [row programs, channel blocks, 10]
+            buffer. No atomics: a second small kernel sums the partials in a fixed order in float64, so
+            coefficient gradients are bitwise identical run to run (and accurate to ~1e-7).
+An optional per-channel bias (the preceding linear layer's) is added to x on load: F(x + bias). Its gradient,
+dx summed over rows, is an 11th accumulator with [row programs, C] partials, reduced the same way.
 Loads are in the input dtype, all math is fp32 (Horner), y and dx are stored in the input dtype.
 
 Tile sizes are chosen by a heuristic of the group size rather than by triton.autotune: autotuning may pick different
@@ -109,9 +111,10 @@ def accumulate_coefficient_terms(
 
 @triton.jit
 def _rational_forward_kernel(
-    x_ptr, y_ptr, num_ptr, den_ptr, num_row_stride, den_row_stride,
+    x_ptr, y_ptr, num_ptr, den_ptr, bias_ptr, num_row_stride, den_row_stride,
     n_rows, n_cols,
-    group_size: tl.constexpr, chunks_per_group: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    group_size: tl.constexpr, chunks_per_group: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     group, cols, col_mask = _group_columns(tl.program_id(1), group_size, chunks_per_group, BLOCK_C)
     a0, a1, a2, a3, a4, a5, c1, c2, c3, c4 = _load_coefficients(
@@ -121,15 +124,18 @@ def _rational_forward_kernel(
     offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
     mask = (rows < n_rows)[:, None] & col_mask[None, :]
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     y = rational_value(x, a0, a1, a2, a3, a4, a5, c1, c2, c3, c4)
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rational_backward_kernel(
-    grad_ptr, x_ptr, dx_ptr, partial_ptr, num_ptr, den_ptr, num_row_stride, den_row_stride,
-    n_rows, n_cols, n_row_tiles,
-    group_size: tl.constexpr, chunks_per_group: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    grad_ptr, x_ptr, dx_ptr, partial_ptr, bias_partial_ptr, num_ptr, den_ptr, bias_ptr, num_row_stride,
+    den_row_stride, n_rows, n_cols, n_row_tiles,
+    group_size: tl.constexpr, chunks_per_group: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):  # fmt: skip
     block = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -138,7 +144,9 @@ def _rational_backward_kernel(
     a0, a1, a2, a3, a4, a5, c1, c2, c3, c4 = _load_coefficients(
         num_ptr, den_ptr, group, num_row_stride, den_row_stride
     )
-    # Element-wise running sums of g x^i / Q (i = 0..5) and g |x|^j P / Q^2 (j = 1..4).
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    # Element-wise running sums of g x^i / Q (i = 0..5), g |x|^j P / Q^2 (j = 1..4) and dx (for d bias).
     acc_a0 = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
     acc_a1 = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
     acc_a2 = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
@@ -149,15 +157,22 @@ def _rational_backward_kernel(
     acc_b2 = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
     acc_b3 = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
     acc_b4 = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
-    for tile in range(pid_n, n_row_tiles, n_row_programs):
+    acc_bias = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
+    # Pipelined loop (NUM_STAGES tiles of x and g in flight): the loads, not the math, bound this kernel.
+    for tile in tl.range(pid_n, n_row_tiles, n_row_programs, num_stages=NUM_STAGES):
         rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
         mask = (rows < n_rows)[:, None] & col_mask[None, :]
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)  # 0 where masked: adds nothing
+        if HAS_BIAS:
+            x += bias
         f, inv_q, q_df, ax = rational_backward_terms(x, a0, a1, a2, a3, a4, a5, c1, c2, c3, c4)
         g_over_q = g * inv_q
-        tl.store(dx_ptr + offsets, (g_over_q * q_df).to(dx_ptr.dtype.element_ty), mask=mask)
+        dx = g_over_q * q_df
+        tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if HAS_BIAS:
+            acc_bias += dx
         acc_a0, acc_a1, acc_a2, acc_a3, acc_a4, acc_a5, acc_b1, acc_b2, acc_b3, acc_b4 = accumulate_coefficient_terms(
             g_over_q, f, x, ax, acc_a0, acc_a1, acc_a2, acc_a3, acc_a4, acc_a5, acc_b1, acc_b2, acc_b3, acc_b4
         )  # fmt: skip
@@ -173,17 +188,18 @@ def _rational_backward_kernel(
     tl.store(out + 7, tl.sum(tl.sum(acc_b2, axis=1), axis=0))
     tl.store(out + 8, tl.sum(tl.sum(acc_b3, axis=1), axis=0))
     tl.store(out + 9, tl.sum(tl.sum(acc_b4, axis=1), axis=0))
+    if HAS_BIAS:  # bias_partial[pid_n, channel]: this program's column sums of dx
+        tl.store(bias_partial_ptr + pid_n * n_cols + cols, tl.sum(acc_bias, axis=0), mask=col_mask)
 
 
 @triton.jit
-def _rational_reduce_kernel(
-    partial_ptr, den_ptr, d_num_ptr, d_den_ptr, den_row_stride, n_row_programs,
+def _reduce_coefficient(
+    partial_ptr, den_ptr, d_num_ptr, d_den_ptr, k, den_row_stride, n_row_programs,
     groups: tl.constexpr, chunks_per_group: tl.constexpr, NUM_SHARED: tl.constexpr, DEN_SHARED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Program k (0..9) sums partial[:, blocks of group g, k] in float64 in a fixed order, for each group;
-    applies dF/db = -sign(b) (...) for the denominator; sums over groups for a shared coefficient row."""
-    k = tl.program_id(0)
+    """Sums partial[:, blocks of group g, k] in float64 in a fixed order, for each group; applies
+    dF/db = -sign(b) (...) for the denominator; sums over groups for a shared coefficient row."""
     is_num = k < 6
     is_den = k >= 6
     n_items = n_row_programs * chunks_per_group
@@ -213,6 +229,29 @@ def _rational_reduce_kernel(
         tl.store(d_den_ptr + k - 6, value, mask=is_den)
 
 
+@triton.jit
+def _rational_reduce_kernel(
+    partial_ptr, bias_partial_ptr, den_ptr, d_num_ptr, d_den_ptr, d_bias_ptr, den_row_stride, n_row_programs,
+    n_cols, groups: tl.constexpr, chunks_per_group: tl.constexpr, NUM_SHARED: tl.constexpr,
+    DEN_SHARED: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Programs 0..9: coefficient k (a_0..a_5, b_1..b_4); programs from 10 (with a bias): d bias of a block of
+    BLOCK channels, the column sums of bias_partial [row programs, C] in float64 in a fixed order."""
+    pid = tl.program_id(0)
+    if pid < 10:
+        _reduce_coefficient(
+            partial_ptr, den_ptr, d_num_ptr, d_den_ptr, pid, den_row_stride, n_row_programs,
+            groups, chunks_per_group, NUM_SHARED, DEN_SHARED, BLOCK,
+        )  # fmt: skip
+    else:
+        cols = (pid - 10) * BLOCK + tl.arange(0, BLOCK)
+        col_mask = cols < n_cols
+        acc = tl.zeros((BLOCK,), tl.float64)
+        for p in range(0, n_row_programs):
+            acc += tl.load(bias_partial_ptr + p * n_cols + cols, mask=col_mask, other=0.0).to(tl.float64)
+        tl.store(d_bias_ptr + cols, acc.to(tl.float32), mask=col_mask)
+
+
 INTERPRETED = isinstance(_rational_forward_kernel, InterpretedFunction)
 
 
@@ -228,15 +267,27 @@ def block_channels(group_size: int) -> int:
 
 
 def forward_config(group_size: int) -> dict:
-    """Tiles of 8K elements (32 KB fp32 / 16 KB bf16 per program), 8 warps."""
+    """Tiles of 4K elements (16 KB fp32 / 8 KB bf16 per program), 4 warps: the fastest of
+    bench_rational.py --sweep on an H200 (bf16, C = 768 and 1536; 8K-element tiles at 8 warps were 7-9% slower)."""
     block_c = block_channels(group_size)
-    return {"BLOCK_N": 8192 // block_c, "BLOCK_C": block_c, "num_warps": 8}
+    return {"BLOCK_N": 4096 // block_c, "BLOCK_C": block_c, "num_warps": 4}
 
 
 def backward_config(group_size: int) -> dict:
-    """Row tiles of 1K elements (8 per thread: 10 fp32 accumulators each), ~8 programs per SM in total."""
+    """Row tiles of 2K elements (16 per thread at 4 warps, each with 11 fp32 accumulators), 2 programs per SM,
+    3 pipeline stages: the fastest of bench_rational.py --sweep on an H200 (bf16, C = 768 and 1536, fc1's bias
+    fused): 0.094 / 0.053 ms against 0.152 / 0.089 ms for the earlier 1K tiles, 8 per SM, no pipelining."""
     block_c = block_channels(group_size)
-    return {"BLOCK_N": 1024 // block_c, "BLOCK_C": block_c, "num_warps": 4, "programs_per_sm": 8}
+    return {
+        "BLOCK_N": max(1, 2048 // block_c),
+        "BLOCK_C": block_c,
+        "num_warps": 4,
+        "programs_per_sm": 2,
+        "num_stages": 3,
+    }
+
+
+_REDUCE_BLOCK = 128  # partial sums per step of the reduce kernel (and channels per d bias program)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -279,35 +330,49 @@ def device_guard(device: torch.device):
 
 
 def _launch_args(
-    x2d: Tensor, numerator: Tensor, denominator: Tensor, block_c: int
+    x2d: Tensor, numerator: Tensor, denominator: Tensor, bias: Tensor | None, block_c: int
 ) -> tuple[tuple, dict, int]:
-    """(positional kernel arguments after the tensors, constexpr arguments, number of channel blocks).
+    """((num, den, bias, row strides, N, C) kernel arguments, constexpr arguments, number of channel blocks).
 
     The group size is a compile-time constant: the compiler then knows each block's start alignment and
-    vectorises the loads (a KAT model has only two or three distinct group sizes).
+    vectorises the loads (a KAT model has only two or three distinct group sizes). Coefficients and bias
+    are read in their own dtypes; a missing bias passes x as a placeholder pointer the kernel never reads.
     """
     n_rows, n_cols = x2d.shape
     groups = max(numerator.shape[0], denominator.shape[0])
     group_size = n_cols // groups
     chunks_per_group = triton.cdiv(group_size, block_c)
-    num = numerator.detach().float().contiguous()
-    den = denominator.detach().float().contiguous()
     num_row_stride = 0 if numerator.shape[0] == 1 else 6
     den_row_stride = 0 if denominator.shape[0] == 1 else 4
-    args = (num, den, num_row_stride, den_row_stride, n_rows, n_cols)
-    constants = {"group_size": group_size, "chunks_per_group": chunks_per_group, "BLOCK_C": block_c}
+    args = (
+        numerator.contiguous(),
+        denominator.contiguous(),
+        x2d if bias is None else bias.contiguous(),
+        num_row_stride,
+        den_row_stride,
+        n_rows,
+        n_cols,
+    )
+    constants = {
+        "group_size": group_size,
+        "chunks_per_group": chunks_per_group,
+        "HAS_BIAS": bias is not None,
+        "BLOCK_C": block_c,
+    }
     return args, constants, groups * chunks_per_group
 
 
-def rational_forward(x: Tensor, numerator: Tensor, denominator: Tensor, config: dict | None = None) -> Tensor:
-    """y = F(x) (x's shape and dtype, contiguous). `config` overrides `forward_config` (benchmarks only)."""
+def rational_forward(
+    x: Tensor, numerator: Tensor, denominator: Tensor, bias: Tensor | None = None, config: dict | None = None
+) -> Tensor:
+    """y = F(x + bias) (x's shape and dtype, contiguous). `config` overrides `forward_config` (benchmarks)."""
     _check_runnable(x)
     x2d = x.contiguous().view(-1, x.shape[-1])  # [N, C]
     y = torch.empty_like(x2d)
     if x.numel() > 0:
         groups = max(numerator.shape[0], denominator.shape[0])
         cfg = config or forward_config(x.shape[-1] // groups)
-        args, constants, n_blocks = _launch_args(x2d, numerator, denominator, cfg["BLOCK_C"])
+        args, constants, n_blocks = _launch_args(x2d, numerator, denominator, bias, cfg["BLOCK_C"])
         grid = (triton.cdiv(x2d.shape[0], cfg["BLOCK_N"]), n_blocks)  # rows on axis 0: no 65535 limit
         with device_guard(x.device):
             _rational_forward_kernel[grid](
@@ -317,32 +382,50 @@ def rational_forward(x: Tensor, numerator: Tensor, denominator: Tensor, config: 
 
 
 def rational_backward(
-    grad_output: Tensor, x: Tensor, numerator: Tensor, denominator: Tensor, config: dict | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx in x's dtype, d numerator, d denominator in the coefficients' dtypes); deterministic."""
+    grad_output: Tensor,
+    x: Tensor,
+    numerator: Tensor,
+    denominator: Tensor,
+    bias: Tensor | None = None,
+    config: dict | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(dx in x's dtype, d numerator, d denominator, d bias (None without a bias) in the parameters' dtypes);
+    deterministic. x is the input before the bias is added."""
     _check_runnable(x)
     groups = max(numerator.shape[0], denominator.shape[0])
-    x2d = x.contiguous().view(-1, x.shape[-1])  # [N, C]
-    grad2d = grad_output.to(x.dtype).contiguous().view(-1, x.shape[-1])
+    channels = x.shape[-1]
+    x2d = x.contiguous().view(-1, channels)  # [N, C]
+    grad2d = grad_output.to(x.dtype).contiguous().view(-1, channels)
     dx = torch.empty_like(x2d)
-    cfg = config or backward_config(x.shape[-1] // groups)
-    args, constants, n_blocks = _launch_args(x2d, numerator, denominator, cfg["BLOCK_C"])
+    cfg = config or backward_config(channels // groups)
+    args, constants, n_blocks = _launch_args(x2d, numerator, denominator, bias, cfg["BLOCK_C"])
     n_row_tiles = triton.cdiv(x2d.shape[0], cfg["BLOCK_N"])
     n_row_programs = max(1, min(n_row_tiles, num_sms(x.device) * cfg["programs_per_sm"] // n_blocks))
-    partials = torch.empty(n_row_programs, n_blocks, 10, device=x.device, dtype=torch.float32)
-    d_num = torch.empty(numerator.shape, device=x.device, dtype=torch.float32)
-    d_den = torch.empty(denominator.shape, device=x.device, dtype=torch.float32)
+    device = x.device
+    partials = torch.empty(n_row_programs, n_blocks, 10, device=device, dtype=torch.float32)
+    bias_partials = (
+        torch.empty(n_row_programs, channels, device=device, dtype=torch.float32)
+        if bias is not None
+        else partials
+    )
+    d_num = torch.empty(numerator.shape, device=device, dtype=torch.float32)
+    d_den = torch.empty(denominator.shape, device=device, dtype=torch.float32)
+    d_bias = torch.empty(channels, device=device, dtype=torch.float32) if bias is not None else d_num
     if x.numel() == 0:
         partials.zero_()
-    with device_guard(x.device):
+        bias_partials.zero_()
+    reduce_programs = 10 + (triton.cdiv(channels, _REDUCE_BLOCK) if bias is not None else 0)
+    with device_guard(device):
         if x.numel() > 0:
             _rational_backward_kernel[(n_blocks, n_row_programs)](
-                grad2d, x2d, dx, partials, *args, n_row_tiles,
-                **constants, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+                grad2d, x2d, dx, partials, bias_partials, *args, n_row_tiles,
+                **constants, BLOCK_N=cfg["BLOCK_N"], NUM_STAGES=cfg.get("num_stages", 1), num_warps=cfg["num_warps"],
             )  # fmt: skip
-        _rational_reduce_kernel[(10,)](
-            partials, args[1], d_num, d_den, args[3], n_row_programs,
+        _rational_reduce_kernel[(reduce_programs,)](
+            partials, bias_partials, args[1], d_num, d_den, d_bias, args[4], n_row_programs, channels,
             groups=groups, chunks_per_group=constants["chunks_per_group"],
-            NUM_SHARED=numerator.shape[0] == 1, DEN_SHARED=denominator.shape[0] == 1, BLOCK=128, num_warps=1,
+            NUM_SHARED=numerator.shape[0] == 1, DEN_SHARED=denominator.shape[0] == 1, BLOCK=_REDUCE_BLOCK,
+            num_warps=1,
         )  # fmt: skip
-    return dx.view(x.shape), d_num.to(numerator.dtype), d_den.to(denominator.dtype)
+    d_bias = None if bias is None else d_bias.to(bias.dtype)
+    return dx.view(x.shape), d_num.to(numerator.dtype), d_den.to(denominator.dtype), d_bias

@@ -67,7 +67,7 @@ def _torch_backward(grad_output, x, weight, bias, mean, rstd, numerator, denomin
     h = xhat if gamma is None else xhat * gamma
     if bias is not None:
         h = h + bias.to(dtype)
-    dh, d_num, d_den = reference.rational_backward(grad_output, h, numerator, denominator)
+    dh, d_num, d_den, _ = reference.rational_backward(grad_output, h, numerator, denominator)
     d_weight = (dh * xhat).reshape(-1, channels).sum(0)
     d_bias = dh.reshape(-1, channels).sum(0)
     g = dh if gamma is None else dh * gamma

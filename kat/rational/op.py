@@ -50,8 +50,11 @@ def active_backend(x: Tensor, backend: str | None = None) -> str:
     return choice
 
 
-def _check_inputs(x: Tensor, numerator: Tensor, denominator: Tensor) -> None:
-    for name, t in (("x", x), ("numerator", numerator), ("denominator", denominator)):
+def _check_inputs(x: Tensor, numerator: Tensor, denominator: Tensor, bias: Tensor | None) -> None:
+    named = {"x": x, "numerator": numerator, "denominator": denominator, "bias": bias}
+    for name, t in named.items():
+        if t is None and name == "bias":
+            continue
         if not isinstance(t, Tensor):
             raise TypeError(f"group_rational: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in _FLOAT_DTYPES:
@@ -59,11 +62,11 @@ def _check_inputs(x: Tensor, numerator: Tensor, denominator: Tensor) -> None:
                 f"group_rational: {name} has dtype {t.dtype}; use float32, bfloat16, float16 or float64 "
                 f"(e.g. {name}.float())"
             )
-    if not (x.device == numerator.device == denominator.device):
-        raise ValueError(
-            f"group_rational: tensors on different devices (x: {x.device}, numerator: {numerator.device}, "
-            f"denominator: {denominator.device}); move them to one device"
-        )
+        if t.device != x.device:
+            raise ValueError(
+                f"group_rational: tensors on different devices (x: {x.device}, {name}: {t.device}); move them "
+                "to one device"
+            )
     if numerator.dim() != 2 or numerator.shape[1] != 6:
         raise ValueError(f"group_rational: numerator must have shape (Gn, 6), got {tuple(numerator.shape)}")
     if denominator.dim() != 2 or denominator.shape[1] != 4:
@@ -83,58 +86,69 @@ def _check_inputs(x: Tensor, numerator: Tensor, denominator: Tensor) -> None:
             f"group_rational: x must be [..., C] with C divisible by the {groups} groups; got x of shape "
             f"{tuple(x.shape)} (C = {channels})"
         )
+    if bias is not None and tuple(bias.shape) != (x.shape[-1],):
+        raise ValueError(
+            f"group_rational: bias must have shape (C,) = ({x.shape[-1]},), one value per channel of x, got "
+            f"{tuple(bias.shape)}"
+        )
 
 
-def _forward_impl(x: Tensor, numerator: Tensor, denominator: Tensor, backend: str) -> Tensor:
+def _forward_impl(x: Tensor, numerator: Tensor, denominator: Tensor, bias: Tensor | None, backend: str) -> Tensor:
     if backend == "triton":
-        return _kernels().rational_forward(x, numerator, denominator)
-    return reference.rational_forward(x, numerator, denominator)
+        return _kernels().rational_forward(x, numerator, denominator, bias)
+    return reference.rational_forward(x, numerator, denominator, bias)
 
 
 def _backward_impl(
-    grad_output: Tensor, x: Tensor, numerator: Tensor, denominator: Tensor, backend: str
-) -> tuple[Tensor, Tensor, Tensor]:
+    grad_output: Tensor, x: Tensor, numerator: Tensor, denominator: Tensor, bias: Tensor | None, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     if backend == "triton":
-        return _kernels().rational_backward(grad_output, x, numerator, denominator)
-    return reference.rational_backward(grad_output, x, numerator, denominator)
+        return _kernels().rational_backward(grad_output, x, numerator, denominator, bias)
+    return reference.rational_backward(grad_output, x, numerator, denominator, bias)
 
 
 @torch.library.custom_op("kat::group_rational_fwd", mutates_args=())
-def _group_rational_fwd(x: Tensor, numerator: Tensor, denominator: Tensor, backend: str) -> Tensor:
-    return _forward_impl(x, numerator, denominator, backend)
+def _group_rational_fwd(
+    x: Tensor, numerator: Tensor, denominator: Tensor, bias: Tensor | None, backend: str
+) -> Tensor:
+    return _forward_impl(x, numerator, denominator, bias, backend)
 
 
 @_group_rational_fwd.register_fake
-def _(x, numerator, denominator, backend):
+def _(x, numerator, denominator, bias, backend):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("kat::group_rational_bwd", mutates_args=())
 def _group_rational_bwd(
-    grad_output: Tensor, x: Tensor, numerator: Tensor, denominator: Tensor, backend: str
-) -> tuple[Tensor, Tensor, Tensor]:
-    return _backward_impl(grad_output, x, numerator, denominator, backend)
+    grad_output: Tensor, x: Tensor, numerator: Tensor, denominator: Tensor, bias: Tensor | None, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, d numerator, d denominator, d bias); d bias is an empty tensor without a bias (custom ops
+    cannot return None)."""
+    dx, d_num, d_den, d_bias = _backward_impl(grad_output, x, numerator, denominator, bias, backend)
+    return dx, d_num, d_den, x.new_empty(0) if d_bias is None else d_bias
 
 
 @_group_rational_bwd.register_fake
-def _(grad_output, x, numerator, denominator, backend):
+def _(grad_output, x, numerator, denominator, bias, backend):
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
         torch.empty_like(numerator, memory_format=torch.contiguous_format),
         torch.empty_like(denominator, memory_format=torch.contiguous_format),
+        x.new_empty(0) if bias is None else torch.empty_like(bias, memory_format=torch.contiguous_format),
     )
 
 
 def _setup_context(ctx, inputs, output):
-    x, numerator, denominator, backend = inputs
-    ctx.save_for_backward(x, numerator, denominator)  # x in its own dtype: no fp32 copy
+    x, numerator, denominator, bias, backend = inputs
+    ctx.save_for_backward(x, numerator, denominator, bias)  # x in its own dtype: no fp32 copy
     ctx.backend = backend
 
 
 def _backward(ctx, grad_output):
-    x, numerator, denominator = ctx.saved_tensors
-    dx, d_num, d_den = _group_rational_bwd(grad_output, x, numerator, denominator, ctx.backend)
-    return dx, d_num, d_den, None
+    x, numerator, denominator, bias = ctx.saved_tensors
+    dx, d_num, d_den, d_bias = _group_rational_bwd(grad_output, x, numerator, denominator, bias, ctx.backend)
+    return dx, d_num, d_den, None if bias is None else d_bias, None
 
 
 _group_rational_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -150,29 +164,33 @@ class _EagerGroupRational(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, numerator, denominator, backend):
-        ctx.save_for_backward(x, numerator, denominator)  # x in its own dtype: no fp32 copy
+    def forward(ctx, x, numerator, denominator, bias, backend):
+        ctx.save_for_backward(x, numerator, denominator, bias)  # x in its own dtype: no fp32 copy
         ctx.backend = backend
-        return _forward_impl(x, numerator, denominator, backend)
+        return _forward_impl(x, numerator, denominator, bias, backend)
 
     @staticmethod
     def backward(ctx, grad_output):
-        x, numerator, denominator = ctx.saved_tensors
-        dx, d_num, d_den = _backward_impl(grad_output, x, numerator, denominator, ctx.backend)
-        return dx, d_num, d_den, None
+        x, numerator, denominator, bias = ctx.saved_tensors
+        return *_backward_impl(grad_output, x, numerator, denominator, bias, ctx.backend), None
 
 
-def group_rational(x: Tensor, numerator: Tensor, denominator: Tensor, backend: str | None = None) -> Tensor:
-    """F(x) = P(x)/Q(x) per channel group; x [..., C], numerator (Gn, 6), denominator (Gd, 4), Gn, Gd in {1, G}.
+def group_rational(
+    x: Tensor, numerator: Tensor, denominator: Tensor, backend: str | None = None, bias: Tensor | None = None
+) -> Tensor:
+    """F(x + bias) = P/Q per channel group; x [..., C], numerator (Gn, 6), denominator (Gd, 4), Gn, Gd in
+    {1, G}, bias (C,) or None.
 
-    Returns x's shape and dtype; differentiable in all three inputs. Coefficients may have another float dtype
-    than x (e.g. float32 coefficients with bfloat16 x); the math runs in float32 (float64 if any input is).
-    backend: None/'auto' (see `active_backend`), 'triton' or 'torch'.
+    Returns x's shape and dtype; differentiable in all inputs. `bias` is the preceding linear layer's bias
+    (KANMlp passes fc1's): added inside the op, it costs no pass over memory of its own, and its gradient
+    comes out of the op's backward kernel instead of a separate reduction. Coefficients and bias may have
+    another float dtype than x (e.g. float32 with bfloat16 x); the math runs in float32 (float64 if any input
+    is). backend: None/'auto' (see `active_backend`), 'triton' or 'torch'.
     Under torch.compile this is the custom op `kat::group_rational_fwd` (one opaque node, no graph break);
     in eager mode the same kernels run through a lighter autograd.Function.
     """
-    _check_inputs(x, numerator, denominator)
+    _check_inputs(x, numerator, denominator, bias)
     backend = active_backend(x, backend)
     if torch.compiler.is_compiling():
-        return _group_rational_fwd(x, numerator, denominator, backend)
-    return _EagerGroupRational.apply(x, numerator, denominator, backend)
+        return _group_rational_fwd(x, numerator, denominator, bias, backend)
+    return _EagerGroupRational.apply(x, numerator, denominator, bias, backend)

@@ -1,5 +1,6 @@
 """The group-rational activation in plain PyTorch: the spec the Triton kernels are tested against.
 
+F(x + bias) (bias optional, per channel: the preceding linear layer's bias, added inside the op) with
 F(x) = P(x) / Q(x) with P(x) = sum_{i=0..5} a_i x^i and Q(x) = 1 + sum_{j=1..4} |b_j| |x|^j, applied to
 G contiguous groups of C/G channels (x is channels-last, [..., C]); numerator (Gn, 6), denominator (Gd, 4),
 Gn and Gd each 1 (shared) or G. The gradients are written out rather than left to autograd, because
@@ -43,27 +44,33 @@ def _numerator_and_denominator(xg: Tensor, a: list[Tensor], c: list[Tensor]) -> 
     return p, q
 
 
-def rational_forward(x: Tensor, numerator: Tensor, denominator: Tensor) -> Tensor:
-    """y = F(x), same shape and dtype as x (contiguous)."""
+def _shifted(x: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """x + bias in the compute dtype (bias (C,) broadcast over rows)."""
+    return x.to(dtype) if bias is None else x.to(dtype) + bias.to(dtype)
+
+
+def rational_forward(x: Tensor, numerator: Tensor, denominator: Tensor, bias: Tensor | None = None) -> Tensor:
+    """y = F(x + bias), same shape and dtype as x (contiguous)."""
     groups = max(numerator.shape[0], denominator.shape[0])
-    dtype = compute_dtype(x, numerator, denominator)
-    xg = _grouped(x, groups, dtype)
+    dtype = compute_dtype(*_present(x, numerator, denominator, bias))
+    xg = _grouped(_shifted(x, bias, dtype), groups, dtype)
     p, q = _numerator_and_denominator(xg, _columns(numerator, dtype), _columns(denominator.abs(), dtype))
     return (p / q).to(x.dtype).reshape(x.shape)
 
 
 def rational_backward(
-    grad_output: Tensor, x: Tensor, numerator: Tensor, denominator: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, d numerator, d denominator) with the sign(0) = +1 convention.
+    grad_output: Tensor, x: Tensor, numerator: Tensor, denominator: Tensor, bias: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(dx, d numerator, d denominator, d bias or None) with the sign(0) = +1 convention; x is the input
+    before the bias is added, and d bias is dx (in the compute dtype) summed over rows.
 
     dF/dx = R/Q - S P/Q^2, R = P'(x), S = sign(x) (|b1| + 2|b2||x| + 3|b3||x|^2 + 4|b4||x|^3);
     dF/da_i = x^i / Q;  dF/db_j = -sign(b_j) |x|^j P/Q^2. Coefficient gradients are summed in the compute
     dtype over every element of a group (and over all groups for a shared (1, k) coefficient row).
     """
     groups = max(numerator.shape[0], denominator.shape[0])
-    dtype = compute_dtype(x, numerator, denominator)
-    xg = _grouped(x, groups, dtype)
+    dtype = compute_dtype(*_present(x, numerator, denominator, bias))
+    xg = _grouped(_shifted(x, bias, dtype), groups, dtype)
     g = _grouped(grad_output, groups, dtype)
     a = _columns(numerator, dtype)
     c = _columns(denominator.abs(), dtype)
@@ -73,7 +80,9 @@ def rational_backward(
     s = sign_plus(xg) * (c[0] + ax * (2 * c[1] + ax * (3 * c[2] + ax * 4 * c[3])))
     g_over_q = g / q
     f = p / q
-    dx = (g_over_q * (r - s * f)).to(x.dtype).reshape(x.shape)
+    dh = g_over_q * (r - s * f)  # [N, G, C/G], compute dtype
+    dx = dh.to(x.dtype).reshape(x.shape)
+    d_bias = None if bias is None else dh.reshape(-1, x.shape[-1]).sum(0).to(bias.dtype)
 
     def group_sums(t: Tensor, count: int, base: Tensor) -> Tensor:
         sums, term = [], t
@@ -88,20 +97,26 @@ def rational_backward(
         d_num = d_num.sum(0, keepdim=True)
     if denominator.shape[0] == 1:
         d_den = d_den.sum(0, keepdim=True)
-    return dx, d_num.to(numerator.dtype), d_den.to(denominator.dtype)
+    return dx, d_num.to(numerator.dtype), d_den.to(denominator.dtype), d_bias
+
+
+def _present(*tensors: Tensor | None) -> list[Tensor]:
+    return [t for t in tensors if t is not None]
 
 
 class _GroupRationalReference(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, numerator, denominator):
-        ctx.save_for_backward(x, numerator, denominator)
-        return rational_forward(x, numerator, denominator)
+    def forward(ctx, x, numerator, denominator, bias):
+        ctx.save_for_backward(x, numerator, denominator, bias)
+        return rational_forward(x, numerator, denominator, bias)
 
     @staticmethod
     def backward(ctx, grad_output):
         return rational_backward(grad_output, *ctx.saved_tensors)
 
 
-def group_rational_reference(x: Tensor, numerator: Tensor, denominator: Tensor) -> Tensor:
-    """Differentiable F(x) by the formulas above (no custom op, no validation): the test oracle."""
-    return _GroupRationalReference.apply(x, numerator, denominator)
+def group_rational_reference(
+    x: Tensor, numerator: Tensor, denominator: Tensor, bias: Tensor | None = None
+) -> Tensor:
+    """Differentiable F(x + bias) by the formulas above (no custom op, no validation): the test oracle."""
+    return _GroupRationalReference.apply(x, numerator, denominator, bias)
