@@ -31,7 +31,7 @@ from timm.data import create_transform
 from tqdm.auto import tqdm
 
 import kat  # noqa: F401  (registers the KAT models with timm)
-from kat.data import DataError, ImageFolderDataset, resolve_data_config
+from kat.data import DataError, DeviceLoader, ImageFolderDataset, resolve_data_config
 from kat.evaluation import evaluate
 from kat.models.pretrained import (
     CheckpointError,
@@ -255,6 +255,7 @@ def build_dataset(data_dir: Path, split: str, data_config: dict) -> ImageFolderD
         std=tuple(data_config["std"]),
         crop_pct=data_config["crop_pct"],
         is_training=False,
+        use_prefetcher=True,  # uint8 out: DeviceLoader normalises on the device, as in training
     )
     try:
         dataset = ImageFolderDataset(split_dir, transform, max_bad_images=0)
@@ -350,6 +351,7 @@ def run(args) -> dict:
         pin_memory=accelerator.device.type == "cuda",
     )
     loader = accelerator.prepare_data_loader(loader)  # shards across processes; evaluate() de-duplicates
+    loader = DeviceLoader(loader, data_config["mean"], data_config["std"], accelerator.device)
     model = model.to(accelerator.device)
 
     bar = tqdm(

@@ -3,7 +3,7 @@
 Writes a few thousand synthetic JPEGs with ImageNet's typical sizes (about 400x350 px, quality 90: smooth
 colour fields plus noise, so they compress like photos rather than like flat colour or pure noise), then
 times train.py's own pipeline (kat.data: ImageFolderDataset + the recipe's timm transforms with RandAugment
-and random erasing, torch DataLoader with pinned memory) at the recipe's batch size. Compare the result with
+ending in uint8, torch DataLoader with pinned memory) at the recipe's batch size. Compare the result with
 the GPU's training rate from bench_train.py: a loader slower than the GPU starves it.
 
     python bench/bench_loader.py --num_images 4000 --json $OUT/loader.json

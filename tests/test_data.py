@@ -1,20 +1,26 @@
-"""Data pipeline: layout errors, unreadable images skipped and named, the resumable sampler, timm transforms."""
+"""Data pipeline: layout errors, unreadable images skipped and named, the resumable sampler, timm transforms,
+uint8 batches normalised on the device."""
 
 import logging
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
 from PIL import Image
+from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader
 
 import kat  # noqa: F401  (registers kat_tiny)
 from kat.data import (
     DataError,
+    DeviceLoader,
     ImageFolderDataset,
     ResumableSampler,
     build_datasets,
+    build_random_erasing,
     build_transforms,
     check_layout,
     resolve_data_config,
@@ -131,9 +137,107 @@ def test_transforms_follow_model_and_recipe():
     train, evaluation = build_transforms(cfg, data_config)
     text = str(train)
     assert "RandomResizedCrop" in text and "rand-m9-mstd0.5" in text.replace(" ", "") or "RandAugment" in text
-    assert "RandomErasing" in text
+    assert "Normalize" not in text and "RandomErasing" not in text  # both on the device now
     image = Image.new("RGB", (50, 40), (10, 20, 30))
-    assert train(image).shape == evaluation(image).shape == (3, 32, 32)
+    for transform in (train, evaluation):
+        out = transform(image)
+        assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
+    erasing = build_random_erasing(cfg, "cpu")
+    assert (erasing.probability, erasing.mode, erasing.max_count) == (cfg.reprob, cfg.remode, cfg.recount)
+    assert build_random_erasing(parse_config(["--config", "kat_t", "--reprob", "0"]), "cpu") is None
+
+
+def _old_transforms(cfg, data_config: dict):
+    """The CPU path before DeviceLoader: timm's transforms ending in ToTensor + Normalize (no erasing)."""
+    common = dict(
+        input_size=tuple(data_config["input_size"]), mean=data_config["mean"], std=data_config["std"]
+    )
+    train = timm.data.create_transform(
+        is_training=True,
+        scale=tuple(cfg.scale),
+        ratio=tuple(cfg.ratio),
+        hflip=cfg.hflip,
+        color_jitter=cfg.color_jitter,
+        auto_augment=cfg.aa,
+        interpolation=cfg.train_interpolation,
+        **common,
+    )
+    evaluation = timm.data.create_transform(
+        is_training=False,
+        interpolation=data_config["interpolation"],
+        crop_pct=data_config["crop_pct"],
+        **common,
+    )
+    return train, evaluation
+
+
+def _seeded(transform, image, seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return transform(image)
+
+
+def test_device_normalisation_equals_the_cpu_path():
+    """Demo digits and a 0..255 ramp through the uint8 transforms, default collate and DeviceLoader: bitwise the
+    values ToTensor + Normalize gave on the CPU, for the eval transform and (same seeds) the train transform."""
+    cfg = parse_config(["--config", "kat_t", "--crop_pct", "1.0"])
+    data_config = {
+        "input_size": [3, 28, 28],
+        "interpolation": "bicubic",
+        "mean": list(timm.data.IMAGENET_DEFAULT_MEAN),
+        "std": list(timm.data.IMAGENET_DEFAULT_STD),
+        "crop_pct": 1.0,
+    }
+    images = [Image.open(f).convert("RGB") for f in sorted((DEMO / "val").rglob("*.png"))[::100]]
+    ramp = np.arange(28 * 28 * 3).reshape(28, 28, 3) % 256
+    images.append(Image.fromarray(ramp.astype(np.uint8)))  # every uint8 value in every channel
+    new_train, new_eval = build_transforms(cfg, data_config)
+    old_train, old_eval = _old_transforms(cfg, data_config)
+    for new, old in ((new_eval, old_eval), (new_train, old_train)):
+        samples = [(_seeded(new, image, i), i) for i, image in enumerate(images)]
+        loader = DeviceLoader(
+            DataLoader(samples, batch_size=4), data_config["mean"], data_config["std"], "cpu"
+        )
+        batches = list(loader)
+        assert len(loader) == len(batches) == 3
+        normalised = torch.cat([b[0] for b in batches])
+        assert normalised.dtype == torch.float32 and torch.equal(
+            torch.cat([b[1] for b in batches]), torch.arange(11)
+        )
+        expected = torch.stack([_seeded(old, image, i) for i, image in enumerate(images)])
+        torch.testing.assert_close(normalised, expected, rtol=0, atol=1e-6)
+        assert torch.equal(normalised, expected)  # the same float32 operations: not even rounding differs
+
+
+def test_device_loader_wants_uint8():
+    loader = DeviceLoader([(torch.zeros(2, 3, 4, 4), torch.zeros(2))], [0.5] * 3, [0.2] * 3, "cpu")
+    with pytest.raises(TypeError, match="expects uint8 images .* got torch.float32; build the dataset's"):
+        next(iter(loader))
+
+
+def test_random_erasing_of_a_normalised_batch():
+    """timm's RandomErasing on the device batch: erases per image, drawing the global RNG (saved in checkpoints)."""
+    cfg = parse_config(["--config", "kat_t", "--reprob", "1.0", "--remode", "pixel"])
+    erasing = build_random_erasing(cfg, "cpu")
+    assert isinstance(erasing, RandomErasing)
+    batch = torch.full((4, 3, 16, 16), 7.0)
+    first = _seeded(erasing, batch.clone(), 0)
+    assert all((image != 7.0).any() and (image == 7.0).any() for image in first)  # a box in each image
+    assert torch.equal(first, _seeded(erasing, batch.clone(), 0))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_prefetch_on_a_side_stream_gives_the_same_batches():
+    data = [(torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8), i) for i in range(10)]
+    loader = DataLoader(data, batch_size=3, num_workers=1, pin_memory=True)
+    sync = DeviceLoader(loader, [0.5] * 3, [0.25] * 3, "cuda")
+    ahead = DeviceLoader(loader, [0.5] * 3, [0.25] * 3, "cuda", prefetch=True)
+    for _ in range(2):  # a second epoch reuses the side stream
+        pairs = list(zip(sync, ahead, strict=True))
+        assert len(pairs) == 4
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in pairs)
 
 
 def test_committed_demo_set():

@@ -1,16 +1,26 @@
-"""Data pipeline: ImageFolder datasets with layout checks and bad-image skipping, a resumable sampler, and
-timm transforms/Mixup. The embedded demo set lives in data/demo/ (built by data/prepare_demo.py)."""
+"""Data pipeline: ImageFolder datasets with layout checks and bad-image skipping, a resumable sampler, timm
+transforms/random erasing/Mixup, and uint8 batches normalised on the device.
+The embedded demo set lives in data/demo/ (built by data/prepare_demo.py)."""
 
 from kat.data.dataset import DataError, ImageFolderDataset, build_datasets, check_layout
+from kat.data.device import DeviceLoader
 from kat.data.sampler import ResumableSampler
-from kat.data.transforms import build_mixup, build_train_loss, build_transforms, resolve_data_config
+from kat.data.transforms import (
+    build_mixup,
+    build_random_erasing,
+    build_train_loss,
+    build_transforms,
+    resolve_data_config,
+)
 
 __all__ = [
     "DataError",
+    "DeviceLoader",
     "ImageFolderDataset",
     "ResumableSampler",
     "build_datasets",
     "build_mixup",
+    "build_random_erasing",
     "build_train_loss",
     "build_transforms",
     "check_layout",

@@ -1,8 +1,9 @@
-"""Image transforms, Mixup/CutMix and the matching training loss, all from timm (the DeiT recipe)."""
+"""Image transforms, random erasing, Mixup/CutMix and the training loss, all from timm (the DeiT recipe)."""
 
 import timm.data
 import torch.nn as nn
 from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 
@@ -29,9 +30,17 @@ def resolve_data_config(model: nn.Module, cfg) -> dict:
 
 
 def build_transforms(cfg, data_config: dict):
-    """(train, eval) transforms: RandomResizedCrop + flip + RandAugment + random erasing; resize + center crop."""
+    """(train, eval) transforms: RandomResizedCrop + flip + RandAugment; resize + center crop.
+
+    Both end in uint8 [3, H, W] (timm's use_prefetcher=True): kat.data.DeviceLoader normalises on the device,
+    and the training loop applies random erasing (build_random_erasing) to the normalised batch there.
+    """
+    # mean still matters: RandAugment fills with it.
     common = dict(
-        input_size=tuple(data_config["input_size"]), mean=data_config["mean"], std=data_config["std"]
+        input_size=tuple(data_config["input_size"]),
+        mean=data_config["mean"],
+        std=data_config["std"],
+        use_prefetcher=True,
     )
     train = timm.data.create_transform(
         is_training=True,
@@ -41,9 +50,6 @@ def build_transforms(cfg, data_config: dict):
         color_jitter=cfg.color_jitter,
         auto_augment=cfg.aa,
         interpolation=cfg.train_interpolation,
-        re_prob=cfg.reprob,
-        re_mode=cfg.remode,
-        re_count=cfg.recount,
         **common,
     )
     evaluation = timm.data.create_transform(
@@ -53,6 +59,17 @@ def build_transforms(cfg, data_config: dict):
         **common,
     )
     return train, evaluation
+
+
+def build_random_erasing(cfg, device) -> RandomErasing | None:
+    """timm's random erasing of normalised [B, 3, H, W] batches on `device`; None when reprob is 0.
+
+    Applied by the training loop to the batch it is about to use (after normalising, before Mixup, timm's
+    order), so it draws this process' RNG at the step it belongs to and a checkpoint captures it.
+    """
+    if cfg.reprob <= 0:
+        return None
+    return RandomErasing(cfg.reprob, mode=cfg.remode, max_count=cfg.recount, device=device)
 
 
 def build_mixup(cfg, num_classes: int) -> Mixup | None:

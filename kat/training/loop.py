@@ -1,7 +1,7 @@
 """The training loop: DeiT recipe pieces from timm, processes and precision from Accelerate.
 
 One optimizer step = `grad_accum_steps` micro-batches of `batch_size` images on each process. The learning
-rate follows timm's cosine schedule stepped per update; the EMA (timm ModelEmaV3) is updated after every
+rate follows timm's cosine schedule stepped per update; the EMA (timm ModelEmaV3, kat.training.ema) is updated after every
 step. At every epoch end (and at the end of the run) the model and its EMA are evaluated on val/ and a
 checkpoint is written; checkpoints are also written every `checkpoint_interval` steps. Everything needed to
 continue exactly (weights, EMA, optimizer, scheduler, loss scaler, RNG, position in the epoch's data order)
@@ -33,16 +33,17 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, TorchDynamoPlugin, gather_object, set_seed
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import kat  # noqa: F401  (registers the KAT models with timm)
 from kat.data import (
+    DeviceLoader,
     ResumableSampler,
     build_datasets,
     build_mixup,
+    build_random_erasing,
     build_train_loss,
     build_transforms,
     check_layout,
@@ -70,6 +71,7 @@ from kat.training.checkpoint import (
     save_checkpoint,
 )
 from kat.training.config import ConfigError, TrainConfig, save_config
+from kat.training.ema import ModelEma
 from kat.training.fsdp import (
     fsdp_plugin,
     full_state_dict,
@@ -262,6 +264,11 @@ class Trainer:
         adam = dict(betas=tuple(cfg.opt_betas), eps=cfg.opt_eps) if "adam" in cfg.opt.lower() else {}
         # layer_decay: timm puts each group_matcher layer in a param group with an 'lr_scale' that its schedulers
         # apply at every update.
+        # torch's fused Adam(W) kernels on CUDA: timm's default foreach step costs ~6 ms of host time per KAT-S
+        # step on the H200 host, which under CUDA graphs is step time (docs/BENCHMARKS.md section 3). Not under
+        # FSDP (sharded DTensor parameters), nor on CPU, where the foreach step keeps the tested numerics.
+        if cfg.opt.lower() in ("adam", "adamw") and self.device.type == "cuda" and not self.fsdp:
+            adam["fused"] = True
         optimizer = create_optimizer_v2(
             model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay, **adam
         )
@@ -277,12 +284,17 @@ class Trainer:
         )
         self.ema = None
         if cfg.model_ema:
-            self.ema = ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup)
+            self.ema = ModelEma(model, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup)
         self.mixup = build_mixup(cfg, self.num_classes)
         self.train_loss_fn = build_train_loss(cfg, self.mixup)
 
         self.raw_model = model  # the plain module: timm state_dict keys whatever wraps it (DDP, compile)
-        self.model, self.optimizer, self.val_loader = accelerator.prepare(model, optimizer, self.val_loader)
+        self.model, self.optimizer, val_loader = accelerator.prepare(model, optimizer, self.val_loader)
+        # The prepared loader shards and copies to the device; normalised there, batch by batch (DeviceLoader
+        # says why not ahead).
+        self.val_loader = DeviceLoader(
+            val_loader, self.data_config["mean"], self.data_config["std"], self.device
+        )
         if self.fsdp and self.ema is not None:
             shard_like(self.ema.module, self.raw_model)
 
@@ -349,7 +361,7 @@ class Trainer:
         # nor evaluating shifts the training RNG (a resumed run continues exactly).
         self.worker_seed = torch.Generator()
         pin = self.device.type == "cuda"
-        self.train_loader = DataLoader(
+        loader = DataLoader(
             self.train_set,
             cfg.batch_size,
             sampler=self.sampler,
@@ -358,6 +370,11 @@ class Trainer:
             drop_last=True,
             generator=self.worker_seed,
         )
+        # uint8 batches, normalised on the device; on CUDA the next one is copied while this step runs. Not
+        # with workers 0: the transforms would then draw this process' RNG a batch early (exact resume).
+        mean, std = self.data_config["mean"], self.data_config["std"]
+        self.train_loader = DeviceLoader(loader, mean, std, self.device, prefetch=cfg.workers > 0)
+        self.random_erasing = build_random_erasing(cfg, self.device)
         self.val_loader = DataLoader(
             self.val_set,
             cfg.eval_batch_size or 2 * cfg.batch_size,
@@ -598,10 +615,10 @@ class Trainer:
         step_loss, data_time = torch.zeros((), device=self.device), 0.0
         for micro in range(cfg.grad_accum_steps):
             wait = time.perf_counter()
-            images, targets = next(batches)
+            images, targets = next(batches)  # normalised, on the device
             data_time += time.perf_counter() - wait
-            images = images.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
+            if self.random_erasing is not None:  # here, not in the loader: it draws RNG for this step
+                images = self.random_erasing(images)
             if self.mixup is not None:
                 images, targets = self.mixup(images, targets)
             # Gradients are all-reduced across processes only on the last micro-batch.
