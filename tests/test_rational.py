@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from rounding import assert_rounded_close, relative_error
 
 from kat.rational import GroupRational, active_backend, group_rational
@@ -330,6 +331,27 @@ def test_torch_compile_fullgraph_cpu():
     torch.testing.assert_close(y_compiled, y_eager)
     for p, g in zip(block.parameters(), eager_grads):
         torch.testing.assert_close(p.grad, g)
+
+
+def test_torch_compile_fullgraph_with_fused_bias_cpu():
+    """KANMlp's fc1 -> act2 pattern (bias inside the op) under torch.compile(fullgraph=True) matches eager."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 16, generator=gen)
+    weight, bias = torch.randn(32, 16, generator=gen), torch.randn(32, generator=gen)
+    numerator, denominator = torch.randn(1, 6, generator=gen) / 4, torch.randn(4, 4, generator=gen) / 4
+    params = [t.requires_grad_(True) for t in (weight, bias, numerator, denominator)]
+
+    def fc_act(x, weight, bias, numerator, denominator):
+        return group_rational(F.linear(x, weight), numerator, denominator, backend="triton", bias=bias)
+
+    results = []
+    for fn in (fc_act, torch.compile(fc_act, fullgraph=True)):
+        y = fn(x, *params)
+        results.append((y.detach(), torch.autograd.grad(y.square().sum(), params)))
+    (y_eager, g_eager), (y_compiled, g_compiled) = results
+    torch.testing.assert_close(y_compiled, y_eager)
+    for a, b in zip(g_compiled, g_eager):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.gpu
