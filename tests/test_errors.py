@@ -379,6 +379,11 @@ def op_cases(tmp: Path) -> dict:
             ValueError,
             ["tensors on different devices", "numerator: meta", "move them to one device"],
         ),
+        "op-bias-shape": (
+            lambda: group_rational(x, num, den, bias=torch.zeros(4)),
+            ValueError,
+            ["bias must have shape (C,) = (8,)", "got (4,)"],
+        ),
         "op-unknown-backend": (
             lambda: group_rational(x, num, den, backend="cuda"),
             ValueError,
