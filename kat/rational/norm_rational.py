@@ -35,15 +35,11 @@ def _kernels():
     return norm_rational_kernels
 
 
-def _present(*tensors: Tensor | None) -> list[Tensor]:
-    return [t for t in tensors if t is not None]
-
-
 def _stats_dtype(x, weight, bias, numerator, denominator, backend: str) -> torch.dtype:
     """dtype of mean/rstd: fp32 in the kernels; the compute dtype (fp64 if any input is) on the torch path."""
     if backend == "triton":
         return torch.float32
-    return reference.compute_dtype(*_present(x, weight, bias, numerator, denominator))
+    return reference.compute_dtype(x, weight, bias, numerator, denominator)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -51,7 +47,7 @@ def _stats_dtype(x, weight, bias, numerator, denominator, backend: str) -> torch
 
 
 def _torch_forward(x, weight, bias, eps, numerator, denominator, out_dtype):
-    dtype = reference.compute_dtype(*_present(x, weight, bias, numerator, denominator))
+    dtype = reference.compute_dtype(x, weight, bias, numerator, denominator)
     weight, bias = (None if t is None else t.to(dtype) for t in (weight, bias))
     h, mean, rstd = torch.native_layer_norm(x.to(dtype), (x.shape[-1],), weight, bias, eps)
     y = reference.rational_forward(h, numerator, denominator).to(out_dtype)

@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 
-def compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """float64 if any input is float64, else float32."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """float64 if any input is float64, else float32 (absent optional inputs, None, are skipped)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def sign_plus(t: Tensor) -> Tensor:
@@ -52,7 +52,7 @@ def _shifted(x: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
 def rational_forward(x: Tensor, numerator: Tensor, denominator: Tensor, bias: Tensor | None = None) -> Tensor:
     """y = F(x + bias), same shape and dtype as x (contiguous)."""
     groups = max(numerator.shape[0], denominator.shape[0])
-    dtype = compute_dtype(*_present(x, numerator, denominator, bias))
+    dtype = compute_dtype(x, numerator, denominator, bias)
     xg = _grouped(_shifted(x, bias, dtype), groups, dtype)
     p, q = _numerator_and_denominator(xg, _columns(numerator, dtype), _columns(denominator.abs(), dtype))
     return (p / q).to(x.dtype).reshape(x.shape)
@@ -69,7 +69,7 @@ def rational_backward(
     dtype over every element of a group (and over all groups for a shared (1, k) coefficient row).
     """
     groups = max(numerator.shape[0], denominator.shape[0])
-    dtype = compute_dtype(*_present(x, numerator, denominator, bias))
+    dtype = compute_dtype(x, numerator, denominator, bias)
     xg = _grouped(_shifted(x, bias, dtype), groups, dtype)
     g = _grouped(grad_output, groups, dtype)
     a = _columns(numerator, dtype)
@@ -98,10 +98,6 @@ def rational_backward(
     if denominator.shape[0] == 1:
         d_den = d_den.sum(0, keepdim=True)
     return dx, d_num.to(numerator.dtype), d_den.to(denominator.dtype), d_bias
-
-
-def _present(*tensors: Tensor | None) -> list[Tensor]:
-    return [t for t in tensors if t is not None]
 
 
 class _GroupRationalReference(torch.autograd.Function):
