@@ -25,7 +25,7 @@ class ModelEma(ModelEmaV3):
             return super().update(model, step)
         if self._tensors is None:
             self._tensors = self._tensor_lists(model) or False
-        if not self._tensors:  # mixed dtypes or devices: timm's update handles those
+        if not self._tensors:  # mixed dtypes or devices, bf16: timm's update handles those
             return super().update(model, step)
         ema_floats, model_floats, ema_others, model_others = self._tensors
         torch._foreach_lerp_(ema_floats, model_floats, weight=1.0 - self.get_decay(step))
@@ -33,10 +33,11 @@ class ModelEma(ModelEmaV3):
             ema_v.copy_(model_v)
 
     def _tensor_lists(self, model: torch.nn.Module):
-        """The pairs timm's foreach update walks (state_dict order), or None if a pair differs in dtype/device."""
+        """The pairs timm's foreach update walks (state_dict order), or None where timm does more than a plain
+        lerp: a pair that differs in dtype/device, or a bfloat16 EMA (timm may round it stochastically)."""
         lists = ([], [], [], [])
         for ema_v, model_v in zip(self.module.state_dict().values(), model.state_dict().values()):
-            if (ema_v.dtype, ema_v.device) != (model_v.dtype, model_v.device):
+            if (ema_v.dtype, ema_v.device) != (model_v.dtype, model_v.device) or ema_v.dtype == torch.bfloat16:
                 return None
             offset = 0 if ema_v.is_floating_point() else 2
             lists[offset].append(ema_v)
