@@ -26,7 +26,7 @@ from timm.models.vision_transformer import Block, init_weights_vit_timm
 from torch import Tensor, nn
 
 from kat.models.pretrained import CheckpointMismatchError, checkpoint_filter_fn, load_checkpoint_file
-from kat.rational import GroupRational, group_rational, layer_norm_rational, vp_gain
+from kat.rational import GroupRational, layer_norm_rational, vp_gain
 
 __all__ = ["KANMlp", "Kat", "KatBlock", "init_mimetic_attention"]
 
@@ -91,12 +91,10 @@ class KANMlp(nn.Module):
         return self._from_fc1(self.drop1(x))
 
     def _from_fc1(self, x: Tensor) -> Tensor:
-        act2, bias = self.act2, self.fc1.bias
-        if self.fuse_bias_act and bias is not None:
-            x = F.linear(x, self.fc1.weight)  # fc1 without its bias: act2 adds it
-            x = group_rational(x, act2.weight_numerator, act2.weight_denominator, backend=act2.backend, bias=bias)
+        if self.fuse_bias_act:
+            x = self.act2(F.linear(x, self.fc1.weight), bias=self.fc1.bias)  # fc1 without its bias: act2 adds it
         else:
-            x = act2(self.fc1(x))
+            x = self.act2(self.fc1(x))
         x = self.drop2(x)
         x = self.norm(x)
         return self.fc2(x)

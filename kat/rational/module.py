@@ -31,8 +31,9 @@ class GroupRational(nn.Module):
         self.weight_numerator.copy_(torch.tensor(numerator).expand(1, 6))
         self.weight_denominator.copy_(torch.tensor(denominator).expand(self.groups, 4))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return group_rational(x, self.weight_numerator, self.weight_denominator, backend=self.backend)
+    def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        """F(x + bias); `bias` (C,) is the preceding linear layer's, added inside the op (see group_rational)."""
+        return group_rational(x, self.weight_numerator, self.weight_denominator, backend=self.backend, bias=bias)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, groups={self.groups}, init={self.init!r}"
