@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kat.rational import GroupRational  # noqa: E402
+from kat.rational import GroupRational, layer_norm_rational  # noqa: E402
 
 
 def per_call_us(fn, x, calls: int = 300) -> float:
@@ -33,12 +33,21 @@ def per_call_us(fn, x, calls: int = 300) -> float:
 
 def main():
     device = torch.device("cuda")
-    x = torch.randn(8, 384, device=device, requires_grad=True)
-    rational = GroupRational(384, groups=8, init="swish").to(device)
+    # The shapes of one KAT-S block's calls, shrunk to 8 rows (GPU time negligible): act2 on fc1's bf16 output
+    # with fc1's bias inside, and the fused norm2 -> act1 on the fp32 residual stream, bf16 out.
+    hidden = torch.randn(8, 1536, device=device, dtype=torch.bfloat16, requires_grad=True)
+    stream = torch.randn(8, 384, device=device, requires_grad=True)
+    act2 = GroupRational(1536, groups=8, init="swish").to(device)
+    fc1_bias = torch.nn.Parameter(torch.zeros(1536, device=device))
     norm = torch.nn.LayerNorm(384).to(device)
+    act1 = GroupRational(384, groups=8, init="identity").to(device)
 
     def rational_step(t):
-        rational(t).sum().backward()
+        act2(t, bias=fc1_bias).sum().backward()
+
+    def norm_rational_step(t):
+        layer_norm_rational(t, norm.weight, norm.bias, norm.eps, act1.weight_numerator, act1.weight_denominator,
+                            torch.bfloat16).sum().backward()
 
     def gelu_step(t):
         F.gelu(t).sum().backward()
@@ -49,21 +58,26 @@ def main():
     def sum_step(t):
         t.sum().backward()
 
-    base = per_call_us(sum_step, x)
-    print(f"{'op (forward + backward)':32s} {'host us':>8s} {'minus sum().backward()':>24s}")
-    for name, fn in [("group_rational", rational_step), ("gelu", gelu_step), ("layer_norm", norm_step)]:
-        us = per_call_us(fn, x)
-        print(f"{name:32s} {us:8.1f} {us - base:24.1f}")
+    print(f"{'op (forward + backward)':40s} {'host us':>8s} {'minus sum().backward()':>24s}")
+    for name, fn, x in [
+        ("group_rational + bias [8,1536] bf16", rational_step, hidden),
+        ("gelu [8,1536] bf16", gelu_step, hidden),
+        ("layer_norm_rational [8,384] fp32->bf16", norm_rational_step, stream),
+        ("layer_norm [8,384] fp32", norm_step, stream),
+    ]:
+        us, base = per_call_us(fn, x), per_call_us(sum_step, x)
+        print(f"{name:40s} {us:8.1f} {us - base:24.1f}")
 
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(200):
-        rational_step(x)
-    torch.cuda.synchronize()
-    profiler.disable()
-    stats = pstats.Stats(profiler)
-    stats.sort_stats("tottime").print_stats(20)
-    stats.sort_stats("cumulative").print_stats(30)
+    for name, fn, x in [("group_rational", rational_step, hidden), ("layer_norm_rational", norm_rational_step, stream)]:
+        print(f"\n--- cProfile of {name} forward + backward, 200 calls ---")
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(200):
+            fn(x)
+        torch.cuda.synchronize()
+        profiler.disable()
+        stats = pstats.Stats(profiler)
+        stats.sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":

@@ -51,12 +51,16 @@ def make_images(root: Path, num_images: int, num_classes: int) -> float:
 
 
 def time_loader(dataset, batch: int, workers: int, batches: int) -> float:
+    """Steady-state images/s: the first two batches per worker (start-up, a full prefetch queue) are not
+    timed. Indices are drawn with replacement, so a few thousand JPEGs feed any number of batches."""
+    warmup = max(3, 2 * workers)
+    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=batch * (warmup + batches))
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch, shuffle=True, num_workers=workers, pin_memory=torch.cuda.is_available(),
-        drop_last=True, persistent_workers=False, prefetch_factor=4 if workers else None,
+        dataset, batch_size=batch, sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
+        drop_last=True, prefetch_factor=4 if workers else None,
     )
     iterator = iter(loader)
-    for _ in range(min(3, batches)):  # worker start-up and first batches
+    for _ in range(warmup):
         next(iterator)
     start = time.perf_counter()
     count = 0
@@ -73,7 +77,7 @@ def main():
     parser.add_argument("--config", default="kat_s.yaml", help="training config whose augmentation is timed")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--workers", default=None, help="comma list of worker counts; default: cpu_count")
-    parser.add_argument("--batches", type=int, default=20, help="timed batches per worker count")
+    parser.add_argument("--batches", type=int, default=100, help="timed batches per worker count")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 

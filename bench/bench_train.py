@@ -49,13 +49,15 @@ def model_kwargs(name: str) -> dict:
 class Runner:
     """One model, its optimizer and a fixed synthetic batch, ready to take timed steps."""
 
-    def __init__(self, name: str, batch: int, img_size: int, compile_mode: str | None, device):
+    def __init__(self, name: str, batch: int, img_size: int, compile_mode: str | None, adamw: str, device):
         self.name, self.batch, self.compiled = name, batch, compile_mode
         model = timm.create_model(name.split("@")[0], num_classes=1000, img_size=img_size,
                                   drop_path_rate=DROP_PATH[size_of(name)], **model_kwargs(name)).to(device)
         self.model = torch.compile(model, mode=compile_mode) if compile_mode else model
         self.raw_model = model
-        self.optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
+        # adamw 'fused' (torch's fused kernels) is what train.py uses on a GPU; 'foreach' is timm's default.
+        impl = {"fused": True} if adamw == "fused" else {}
+        self.optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, **impl)
         gen = torch.Generator(device=device).manual_seed(0)
         self.images = torch.randn(batch, 3, img_size, img_size, device=device, generator=gen)
         self.targets = torch.randint(0, 1000, (batch,), device=device, generator=gen)
@@ -107,10 +109,15 @@ def profile_step(runner: Runner, top: int) -> dict:
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         runner.step()
         torch.cuda.synchronize()
-    kernels = {}
+    kernels, launches = {}, 0
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             kernels[event.name] = kernels.get(event.name, 0.0) + event.device_time / 1e3  # ms
+            launches += 1
+    # Where the host's time goes: ops by their own CPU time (autograd nodes, Python autograd.Functions and
+    # launch calls show up by name).
+    host_ops = sorted(((e.key, e.count, e.self_cpu_time_total / 1e3) for e in prof.key_averages()
+                       if e.self_cpu_time_total > 0), key=lambda t: -t[2])[:top]
 
     def category(name: str) -> str:
         lowered = name.lower()
@@ -128,8 +135,9 @@ def profile_step(runner: Runner, top: int) -> dict:
     for name, ms in kernels.items():
         by_category[category(name)] = by_category.get(category(name), 0.0) + ms
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
-    return {"host_ms": 1e3 * host, "total_ms": sum(kernels.values()), "by_category_ms": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
-            "top_kernels_ms": ranked}
+    return {"host_ms": 1e3 * host, "total_ms": sum(kernels.values()), "kernels_launched": launches,
+            "by_category_ms": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
+            "top_kernels_ms": ranked, "top_host_ops_self_ms": host_ops}
 
 
 def check_fused_against_unfused(name: str, device, batch: int = 16) -> dict:
@@ -168,6 +176,8 @@ def main():
     parser.add_argument("--compile", choices=["off", "on", "both"], default="both")
     parser.add_argument("--compile_mode", default="default",
                         help="torch.compile mode for --compile on/both: default, reduce-overhead (CUDA graphs), ...")
+    parser.add_argument("--adamw", choices=["fused", "foreach"], default="fused",
+                        help="AdamW implementation: fused (what train.py uses on a GPU) or foreach (timm's default)")
     parser.add_argument("--profile", action="store_true", help="per-kernel breakdown of one KAT and one ViT step")
     parser.add_argument("--no_check", action="store_true", help="skip the fused-vs-unfused KAT check")
     parser.add_argument("--json", type=Path, default=None)
@@ -182,7 +192,7 @@ def main():
     modes = {"off": [None], "on": [args.compile_mode], "both": [None, args.compile_mode]}[args.compile]
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "timm": timm.__version__,
                "triton": _version("triton"), "python": platform.python_version(), "command": " ".join(sys.argv),
-               "batch": args.batch, "img_size": args.img_size, "steps": args.steps, "rounds": args.rounds,
+               "batch": args.batch, "img_size": args.img_size, "steps": args.steps, "rounds": args.rounds, "adamw": args.adamw,
                "rational_backend": kat.rational.active_backend(torch.empty(1, device=device)), "runs": []}
 
     if not args.no_check:
@@ -195,7 +205,7 @@ def main():
         torch.cuda.empty_cache()
 
     for compiled in modes:
-        runners = [Runner(n, args.batch, args.img_size, compiled, device) for n in names]
+        runners = [Runner(n, args.batch, args.img_size, compiled, args.adamw, device) for n in names]
         for r in runners:  # warm-up (and compilation) outside the timed rounds
             t0 = time.perf_counter()
             for _ in range(args.warmup):
@@ -248,7 +258,8 @@ def print_table(results: dict):
         print(f"{name:24s} {compiled or 'eager':>15s} {r['step_ms']:8.2f} {r['images_per_sec']:8.0f} "
               f"{r['peak_mem_gib']:9.2f} {ratio:>12s} {mem:>10s}")
     for key, prof in results.get("profile", {}).items():
-        print(f"\nprofile {key}: {prof['total_ms']:.2f} ms of kernels, {prof['host_ms']:.2f} ms to issue the step")
+        print(f"\nprofile {key}: {prof['total_ms']:.2f} ms of kernels ({prof['kernels_launched']} launched), "
+              f"{prof['host_ms']:.2f} ms to issue the step")
         for cat, ms in prof["by_category_ms"].items():
             print(f"  {cat:28s} {ms:8.2f} ms")
 
