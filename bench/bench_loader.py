@@ -4,9 +4,11 @@ Writes a few thousand synthetic JPEGs with ImageNet's typical sizes (about 400x3
 colour fields plus noise, so they compress like photos rather than like flat colour or pure noise), then
 times train.py's own pipeline (kat.data: ImageFolderDataset + the recipe's timm transforms with RandAugment
 ending in uint8, torch DataLoader with pinned memory) at the recipe's batch size. Compare the result with
-the GPU's training rate from bench_train.py: a loader slower than the GPU starves it.
+the GPU's training rate from bench_train.py: a loader slower than the GPU starves it. --device_augment times
+the device_augment pipeline instead (workers read files; nvJPEG decoding and the augmentation on the GPU).
 
     python bench/bench_loader.py --num_images 4000 --json $OUT/loader.json
+    python bench/bench_loader.py --num_images 4000 --workers 4,8 --device_augment
 """
 
 import argparse
@@ -22,7 +24,15 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kat.data import ImageFolderDataset, build_transforms  # noqa: E402
+from kat.data import (  # noqa: E402
+    DeviceAugment,
+    DeviceAugmentConfig,
+    DeviceLoader,
+    EncodedImageFolderDataset,
+    ImageFolderDataset,
+    build_transforms,
+    collate_encoded,
+)
 from kat.training.config import parse_config  # noqa: E402
 
 
@@ -50,15 +60,22 @@ def make_images(root: Path, num_images: int, num_classes: int) -> float:
     return sum(sizes) / len(sizes) / 1024
 
 
-def time_loader(dataset, batch: int, workers: int, batches: int) -> float:
+def time_loader(dataset, batch: int, workers: int, batches: int, augment=None) -> float:
     """Steady-state images/s: the first two batches per worker (start-up, a full prefetch queue) are not
-    timed. Indices are drawn with replacement, so a few thousand JPEGs feed any number of batches."""
+    timed. Indices are drawn with replacement, so a few thousand JPEGs feed any number of batches.
+
+    With `augment` (a DeviceAugment) the batches go through train.py's DeviceLoader as with device_augment:
+    decoded, augmented and normalised on the GPU by its background thread; the rate counts finished batches.
+    """
     warmup = max(3, 2 * workers)
     sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=batch * (warmup + batches))
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch, sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
         drop_last=True, prefetch_factor=4 if workers else None,
+        collate_fn=collate_encoded if augment is not None else None,
     )
+    if augment is not None:
+        loader = DeviceLoader(loader, [0.5] * 3, [0.25] * 3, augment.device, prefetch=workers > 0, augment=augment)
     iterator = iter(loader)
     for _ in range(warmup):
         next(iterator)
@@ -67,6 +84,8 @@ def time_loader(dataset, batch: int, workers: int, batches: int) -> float:
     for _ in range(batches):
         images, _ = next(iterator)
         count += images.shape[0]
+    if augment is not None and augment.device.type == "cuda":
+        torch.cuda.synchronize()
     return count / (time.perf_counter() - start)
 
 
@@ -78,6 +97,8 @@ def main():
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--workers", default=None, help="comma list of worker counts; default: cpu_count")
     parser.add_argument("--batches", type=int, default=100, help="timed batches per worker count")
+    parser.add_argument("--device_augment", action="store_true",
+                        help="time device_augment: workers read files, the GPU decodes and augments")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -89,12 +110,18 @@ def main():
                    "std": [0.229, 0.224, 0.225], "crop_pct": 0.875}
     train_transform, _ = build_transforms(cfg, data_config)
     dataset = ImageFolderDataset(args.root / "train", train_transform, cfg.max_bad_images)
+    augment = None
+    if args.device_augment:
+        augment_config = DeviceAugmentConfig(cfg, data_config)
+        dataset = EncodedImageFolderDataset(args.root / "train", augment_config.draw_params, cfg.max_bad_images)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        augment = DeviceAugment(augment_config, dataset, device)
 
     results = {"cpus": cpus, "num_images": len(dataset), "mean_jpeg_kb": mean_kb, "config": args.config,
                "augmentation": {"aa": cfg.aa, "reprob": cfg.reprob, "scale": cfg.scale}, "batch": args.batch,
-               "command": " ".join(sys.argv), "runs": []}
+               "device_augment": args.device_augment, "command": " ".join(sys.argv), "runs": []}
     for w in workers:
-        rate = time_loader(dataset, args.batch, w, args.batches)
+        rate = time_loader(dataset, args.batch, w, args.batches, augment)
         results["runs"].append({"workers": w, "images_per_sec": rate})
         print(f"workers {w:3d}: {rate:8.0f} images/s  ({rate / max(w, 1):.0f} per worker)", flush=True)
     print(f"{len(dataset)} JPEGs, mean {mean_kb:.0f} KB, {cpus} CPUs, augmentation of {args.config}")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import train as train_script
@@ -118,14 +119,30 @@ def test_demo_config_with_python_train_py(tmp_path):
     assert list(run_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
 
 
-def test_resumed_run_continues_exactly(tmp_path, digits):
+@pytest.fixture(scope="module")
+def jpeg_digits(digits, tmp_path_factory) -> Path:
+    """The digits with every other train image re-encoded as JPEG (device_augment decodes those on the device;
+    the worker decodes the PNGs)."""
+    root = tmp_path_factory.mktemp("jpeg_digits")
+    shutil.copytree(digits, root, dirs_exist_ok=True)
+    for path in sorted((root / "train").rglob("*.png"))[::2]:
+        Image.open(path).save(path.with_suffix(".jpg"), quality=90)
+        path.unlink()
+    return root
+
+
+@pytest.mark.parametrize("device_augment", [False, True])
+def test_resumed_run_continues_exactly(tmp_path, digits, jpeg_digits, device_augment):
     """Stop at step 3 (mid-epoch) and rerun the same command: identical to one uninterrupted run.
 
     With the ImageNet recipe's random pieces on (RandAugment, flips, random erasing, Mixup/CutMix), so the
-    restored python/numpy/torch RNG states and the data position all have to be right.
+    restored python/numpy/torch RNG states and the data position all have to be right; also with the
+    augmentation on the device, whose random draws the dataset makes.
     """
-    common = cli(f"--config demo --data_dir {digits} --output_dir {tmp_path} --batch_size 16 --epochs 2")
+    data = jpeg_digits if device_augment else digits
+    common = cli(f"--config demo --data_dir {data} --output_dir {tmp_path} --batch_size 16 --epochs 2")
     recipe = cli("--aa rand-m9-mstd0.5 --hflip 0.5 --reprob 0.25 --mixup 0.8 --cutmix 1.0")
+    recipe += cli(f"--device_augment {str(device_augment).lower()}")
 
     def run(name, max_steps):
         argv = [*common, "--run_name", name, "--max_steps", str(max_steps), "--checkpoint_interval", "3"]

@@ -1,9 +1,17 @@
 """Data pipeline: ImageFolder datasets with layout checks and bad-image skipping, a resumable sampler, timm
-transforms/random erasing/Mixup, and uint8 batches normalised on the device.
+transforms/random erasing/Mixup, uint8 batches normalised on the device, and (device_augment) JPEG decoding and
+augmentation on the device.
 The embedded demo set lives in data/demo/ (built by data/prepare_demo.py)."""
 
-from kat.data.dataset import DataError, ImageFolderDataset, build_datasets, check_layout
+from kat.data.dataset import (
+    DataError,
+    EncodedImageFolderDataset,
+    ImageFolderDataset,
+    build_datasets,
+    check_layout,
+)
 from kat.data.device import DeviceLoader
+from kat.data.device_augment import DeviceAugment, DeviceAugmentConfig, collate_encoded
 from kat.data.sampler import ResumableSampler
 from kat.data.transforms import (
     build_mixup,
@@ -15,7 +23,10 @@ from kat.data.transforms import (
 
 __all__ = [
     "DataError",
+    "DeviceAugment",
+    "DeviceAugmentConfig",
     "DeviceLoader",
+    "EncodedImageFolderDataset",
     "ImageFolderDataset",
     "ResumableSampler",
     "build_datasets",
@@ -24,5 +35,6 @@ __all__ = [
     "build_train_loss",
     "build_transforms",
     "check_layout",
+    "collate_encoded",
     "resolve_data_config",
 ]

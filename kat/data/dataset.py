@@ -6,10 +6,14 @@ name, counted, and replaced by the next readable one so batches keep their size 
 stops once more than `max_bad_images` have failed, because then the data itself is broken.
 """
 
+import io
 import logging
 import multiprocessing
 from pathlib import Path
 
+import numpy as np
+import torch
+from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -17,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 # Consecutive unreadable files before a single __getitem__ gives up (a folder of garbage, not a stray file).
 MAX_CONSECUTIVE_FAILURES = 10
+JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 class DataError(ValueError):
@@ -86,26 +91,68 @@ class ImageFolderDataset(ImageFolder):
                 f"{self.max_bad_images}); the data looks damaged: re-extract it, or raise max_bad_images"
             )
 
+    def count_bad_image(self, path: str, error: Exception) -> None:
+        with self._bad_images.get_lock():
+            self._bad_images.value += 1
+        logger.warning("skipped unreadable image %s (%s: %s)", path, type(error).__name__, error)
+
     def __getitem__(self, index: int):
         for attempt in range(MAX_CONSECUTIVE_FAILURES):
-            path, target = self.samples[(index + attempt) % len(self.samples)]
+            sample = (index + attempt) % len(self.samples)
+            path, target = self.samples[sample]
             try:
-                image = self.loader(path)
+                loaded = self._read(path)
             except (OSError, ValueError, SyntaxError) as error:  # what PIL raises for broken files
-                with self._bad_images.get_lock():
-                    self._bad_images.value += 1
-                logger.warning("skipped unreadable image %s (%s: %s)", path, type(error).__name__, error)
+                self.count_bad_image(path, error)
                 continue
-            if self.transform is not None:
-                image = self.transform(image)
-            return image, target
+            return self._item(loaded, target, sample)
         raise DataError(f"{MAX_CONSECUTIVE_FAILURES} consecutive images from '{path}' back could not be read")
 
+    def _read(self, path: str):
+        """What may fail on a broken file (and then counts as a bad image)."""
+        return self.loader(path)
 
-def build_datasets(data_dir, train_transform, eval_transform, max_bad_images: int = 100):
-    """Return (train, val) ImageFolderDatasets after checking the layout; class indices agree by construction."""
+    def _item(self, image, target: int, sample: int):
+        return (self.transform(image) if self.transform is not None else image), target
+
+
+class EncodedImageFolderDataset(ImageFolderDataset):
+    """Items are (the file's JPEG bytes as uint8 [n], or for other formats the decoded uint8 [3, H, W]; target;
+    float32 params; sample index) for decoding and augmentation on the device (kat.data.device_augment).
+
+    Only the header is parsed here: `draw_params(image)` draws the item's random augmentation parameters
+    (crop box, flip, ...) from the header-only PIL image, in this worker, with its seeded RNG.
+    """
+
+    def __init__(self, root: str | Path, draw_params, max_bad_images: int = 100):
+        super().__init__(root, transform=None, max_bad_images=max_bad_images)
+        self.draw_params = draw_params
+
+    def _read(self, path: str) -> tuple[torch.Tensor, Image.Image]:
+        with open(path, "rb") as file:
+            data = file.read()
+        image = Image.open(io.BytesIO(data))  # parses the header only
+        if data.startswith(JPEG_MAGIC):
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), image
+        pixels = torch.from_numpy(np.array(image.convert("RGB")))  # [H, W, 3]
+        return pixels.permute(2, 0, 1).contiguous(), image
+
+    def _item(self, loaded, target: int, sample: int):
+        data, image = loaded
+        return data, target, torch.tensor(self.draw_params(image), dtype=torch.float32), sample
+
+
+def build_datasets(
+    data_dir, train_transform, eval_transform, max_bad_images: int = 100, draw_train_params=None
+):
+    """Return (train, val) datasets after checking the layout; class indices agree by construction.
+
+    With `draw_train_params` the train set is an EncodedImageFolderDataset (decoding on the device)."""
     check_layout(data_dir)
     root = Path(data_dir)
-    train = ImageFolderDataset(root / "train", train_transform, max_bad_images)
+    if draw_train_params is not None:
+        train = EncodedImageFolderDataset(root / "train", draw_train_params, max_bad_images)
+    else:
+        train = ImageFolderDataset(root / "train", train_transform, max_bad_images)
     val = ImageFolderDataset(root / "val", eval_transform, max_bad_images)
     return train, val

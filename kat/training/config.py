@@ -77,6 +77,11 @@ class TrainConfig:
     color_jitter: float = _doc("color jitter strength (timm ignores it while `aa` is set)", 0.4)
     aa: str | None = _doc("timm auto-augment policy; null = none", "rand-m9-mstd0.5")
     train_interpolation: str = _doc("train resize interpolation", "bicubic")
+    device_augment: bool = _doc(
+        "decode train JPEGs (nvJPEG) and crop/flip/RandAugment them on the training device, not in the loader "
+        "workers: for hosts whose CPUs cannot keep the GPU busy (kat/data/device_augment.py)",
+        False,
+    )
     reprob: float = _doc("random erasing probability", 0.25)
     remode: str = _doc("random erasing fill mode", "pixel")
     recount: int = _doc("random erasing count", 1)

@@ -39,6 +39,8 @@ from tqdm.auto import tqdm
 
 import kat  # noqa: F401  (registers the KAT models with timm)
 from kat.data import (
+    DeviceAugment,
+    DeviceAugmentConfig,
     DeviceLoader,
     ResumableSampler,
     build_datasets,
@@ -47,6 +49,7 @@ from kat.data import (
     build_train_loss,
     build_transforms,
     check_layout,
+    collate_encoded,
     resolve_data_config,
 )
 from kat.evaluation import evaluate
@@ -338,9 +341,20 @@ class Trainer:
     def _build_data(self) -> None:
         cfg, accelerator = self.cfg, self.accelerator
         train_transform, eval_transform = build_transforms(cfg, self.data_config)
+        augment_config = None
+        if cfg.device_augment:  # workers only read files: decoding and augmentation run on self.device
+            try:
+                augment_config = DeviceAugmentConfig(cfg, self.data_config)
+            except ValueError as error:
+                raise ConfigError(str(error)) from error
         self.train_set, self.val_set = build_datasets(
-            cfg.data_dir, train_transform, eval_transform, cfg.max_bad_images
+            cfg.data_dir,
+            train_transform,
+            eval_transform,
+            cfg.max_bad_images,
+            draw_train_params=augment_config.draw_params if augment_config else None,
         )
+        augment = DeviceAugment(augment_config, self.train_set, self.device) if augment_config else None
         self.images_per_step = cfg.global_batch_size(accelerator.num_processes)
         self.steps_per_epoch = len(self.train_set) // self.images_per_step
         if self.steps_per_epoch == 0:
@@ -369,11 +383,14 @@ class Trainer:
             pin_memory=pin,
             drop_last=True,
             generator=self.worker_seed,
+            collate_fn=collate_encoded if augment is not None else None,
         )
-        # uint8 batches, normalised on the device; on CUDA the next one is copied while this step runs. Not
-        # with workers 0: the transforms would then draw this process' RNG a batch early (exact resume).
+        # uint8 batches (or with device_augment, encoded JPEGs decoded and augmented there), normalised on the
+        # device; on CUDA the next ones are prepared by a thread while this step runs. Not with workers 0: the
+        # transforms would then draw this process' RNG a batch early (exact resume).
         mean, std = self.data_config["mean"], self.data_config["std"]
-        self.train_loader = DeviceLoader(loader, mean, std, self.device, prefetch=cfg.workers > 0)
+        prefetch = cfg.workers > 0 and self.device.type == "cuda"
+        self.train_loader = DeviceLoader(loader, mean, std, self.device, prefetch=prefetch, augment=augment)
         self.random_erasing = build_random_erasing(cfg, self.device)
         self.val_loader = DataLoader(
             self.val_set,
