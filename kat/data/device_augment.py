@@ -89,20 +89,16 @@ class DeviceAugment:
     """Decodes and augments one collated batch on `device`; returns uint8 [B, 3, H, W] and the targets."""
 
     def __init__(self, config: DeviceAugmentConfig, dataset: EncodedImageFolderDataset, device):
-        self.config, self.dataset, self.device = (
-            config,
-            dataset,
-            torch.device(device),
-        )  # dataset: counts bad files
+        self.config, self.device = config, torch.device(device)
+        self.dataset = dataset  # where undecodable files are counted
 
     def __call__(
         self, buffer, lengths, decoded, targets, params, samples
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        # params stay on the host: they pick the crops' slices and RandAugment's op groups
         images = self._decode(buffer, lengths, decoded, samples)
-        batch = self._resized_crops(images, params[:, CROP].long())  # params stay on the host: they pick
-        flip = (
-            params[:, FLIP].bool().view(-1, 1, 1, 1).to(self.device, non_blocking=True)
-        )  # slices and groups
+        batch = self._resized_crops(images, params[:, CROP].long())
+        flip = params[:, FLIP].bool().view(-1, 1, 1, 1).to(self.device, non_blocking=True)
         batch = torch.where(flip, batch.flip(-1), batch)
         if self.config.rand_augment is not None:
             batch = self.config.rand_augment(batch, params[:, FLIP + 1 :].view(len(batch), -1, 3))
@@ -116,13 +112,10 @@ class DeviceAugment:
         out_h, out_w = self.config.size
         batch = torch.empty(len(images), 3, out_h, out_w, dtype=torch.uint8, device=self.device)
         for group in _canvas_groups(boxes[:, 2:].tolist()):
-            top, left, heights, widths = boxes[group].unbind(1)
+            heights, widths = boxes[group, 2], boxes[group, 3]
             canvas = torch.zeros(len(group), 3, int(heights.max()), int(widths.max()), dtype=torch.uint8,
                                  device=self.device)  # fmt: skip
-            crops = [
-                images[i][:, t : t + h, le : le + w]
-                for i, t, le, h, w in zip(group, *boxes[group].T.tolist())
-            ]
+            crops = [images[i][:, t : t + h, le : le + w] for i, (t, le, h, w) in zip(group, boxes[group].tolist())]
             # One call for all the copies (per-image copy_ calls cost the host ~70 us each, 9 ms per batch).
             torch._foreach_copy_(
                 [canvas[slot, :, : c.shape[1], : c.shape[2]] for slot, c in enumerate(crops)], crops
