@@ -8,7 +8,7 @@ the GPU's training rate from bench_train.py: a loader slower than the GPU starve
 the device_augment pipeline instead (workers read files; nvJPEG decoding and the augmentation on the GPU).
 
     python bench/bench_loader.py --num_images 4000 --json $OUT/loader.json
-    python bench/bench_loader.py --num_images 4000 --workers 4,8 --device_augment
+    python bench/bench_loader.py --num_images 4000 --workers 4,8 --device_augment --stages 20
 """
 
 import argparse
@@ -33,6 +33,8 @@ from kat.data import (  # noqa: E402
     build_transforms,
     collate_encoded,
 )
+from kat.data.device_augment import CROP, FLIP  # noqa: E402
+from kat.data.resized_crop import resized_crops  # noqa: E402
 from kat.training.config import parse_config  # noqa: E402
 
 
@@ -89,6 +91,37 @@ def time_loader(dataset, batch: int, workers: int, batches: int, augment=None) -
     return count / (time.perf_counter() - start)
 
 
+def time_stages(dataset, augment, batch: int, batches: int) -> dict:
+    """Per batch, DeviceAugment's stages as its thread runs them: host ms (the Python thread's time in the calls,
+    no synchronisation) and GPU ms (CUDA events on the stream). Batches are read beforehand, untimed."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=4, drop_last=True,
+                                         collate_fn=collate_encoded)  # fmt: skip
+    collected = [b for b, _ in zip(loader, range(batches + 2))]
+    config, names = augment.config, ("decode", "crop_resize_flip", "rand_augment")
+    host, gpu = {n: [] for n in names}, {n: [] for n in names}
+    for i, (buffer, lengths, decoded, _, params, samples) in enumerate(collected):
+        torch.cuda.synchronize()
+        marks, clocks = [torch.cuda.Event(enable_timing=True) for _ in range(4)], [time.perf_counter()]
+        marks[0].record()
+        images = augment._decode(buffer, lengths, decoded, samples)
+        clocks.append(time.perf_counter())
+        marks[1].record()
+        out = resized_crops(images, params[:, CROP].long(), params[:, FLIP].bool(), config.size, config.interpolation)
+        clocks.append(time.perf_counter())
+        marks[2].record()
+        config.rand_augment(out, params[:, FLIP + 1 :].view(len(out), -1, 3))
+        clocks.append(time.perf_counter())
+        marks[3].record()
+        torch.cuda.synchronize()
+        if i >= 2:  # the first two: kernel compilation, allocator warm-up
+            for k, name in enumerate(names):
+                host[name].append(1e3 * (clocks[k + 1] - clocks[k]))
+                gpu[name].append(marks[k].elapsed_time(marks[k + 1]))
+    median = lambda v: float(np.median(v))  # noqa: E731
+    return {"host_ms": {n: median(v) for n, v in host.items()}, "gpu_ms": {n: median(v) for n, v in gpu.items()},
+            "batches": batches, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("/tmp/kat_loader_bench"))
@@ -99,8 +132,12 @@ def main():
     parser.add_argument("--batches", type=int, default=100, help="timed batches per worker count")
     parser.add_argument("--device_augment", action="store_true",
                         help="time device_augment: workers read files, the GPU decodes and augments")
+    parser.add_argument("--stages", type=int, default=0,
+                        help="with --device_augment on a GPU: also time DeviceAugment's stages over this many batches")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if args.stages and not (args.device_augment and torch.cuda.is_available()):
+        parser.error("--stages times the device_augment stages on a GPU: add --device_augment, run on a GPU")
 
     cpus = os.cpu_count()
     workers = [int(w) for w in args.workers.split(",")] if args.workers else [cpus]
@@ -124,6 +161,9 @@ def main():
         rate = time_loader(dataset, args.batch, w, args.batches, augment)
         results["runs"].append({"workers": w, "images_per_sec": rate})
         print(f"workers {w:3d}: {rate:8.0f} images/s  ({rate / max(w, 1):.0f} per worker)", flush=True)
+    if args.stages:
+        results["stages"] = time_stages(dataset, augment, args.batch, args.stages)
+        print("stages per batch (median):", json.dumps(results["stages"]), flush=True)
     print(f"{len(dataset)} JPEGs, mean {mean_kb:.0f} KB, {cpus} CPUs, augmentation of {args.config}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,6 @@ from kat.data import (
     EncodedImageFolderDataset,
     collate_encoded,
 )
-from kat.data.device_augment import CANVAS_PIXELS, _canvas_groups
 from kat.training.config import ConfigError, parse_config
 from kat.training.loop import Trainer
 
@@ -76,11 +75,11 @@ def test_params_are_timms_draws_from_the_header(folder):
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
 def test_device_augment_is_timms_crop_and_resize(folder, interpolation):
     """Same crop boxes: decode + batched resize on the device give what timm's RandomResizedCrop (PIL crop, then
-    resize) gives, up to PIL's fixed-point rounding."""
+    resize) gives, pixel for pixel."""
     augment = config("--hflip", "0", "--train_interpolation", interpolation)
     dataset = EncodedImageFolderDataset(folder, augment.draw_params)
     resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[interpolation]
-    for seed in range(5):
+    for seed in range(2):  # kat.data.resized_crop's own tests cover more crops
         random.seed(seed)
         batch = batch_of(dataset, range(len(dataset)))
         *_, targets, params, samples = batch
@@ -91,17 +90,8 @@ def test_device_augment_is_timms_crop_and_resize(folder, interpolation):
             top, left, h, w = box
             with Image.open(dataset.samples[sample][0]) as pil:
                 expected = pil.convert("RGB").crop((left, top, left + w, top + h)).resize((24, 24), resample)
-            diff = (image.permute(1, 2, 0).int() - torch.from_numpy(np.array(expected)).int()).abs()
-            # Decoding is identical (both libjpeg-turbo); measured: max 1 (bicubic) / 2 (bilinear) levels,
-            # mean 0.02-0.06 over 20 seeds.
-            assert diff.max() <= 2 and diff.float().mean() < 0.3, (dataset.samples[sample][0], diff.max())
-
-
-def test_crops_of_very_different_sizes_share_no_canvas():
-    """One huge crop among small ones gets a canvas of its own (memory stays bounded)."""
-    sizes = [[300, 300]] * 60 + [[4000, 3000]] + [[300, 300]] * 67
-    assert _canvas_groups(sizes) == [[60], [*range(60), *range(61, 128)]]
-    assert 2 * 4000 * 3000 > CANVAS_PIXELS >= 127 * 300 * 300
+            # the same decoder (libjpeg-turbo) and PIL's resize arithmetic (kat.data.resized_crop)
+            assert torch.equal(image.permute(1, 2, 0), torch.from_numpy(np.array(expected)))
 
 
 def test_flip_is_drawn_per_image(folder):

@@ -11,11 +11,15 @@ import torch
 from PIL import Image
 from timm.data.auto_augment import AugmentOp
 
+from kat.data import kernels
 from kat.data.rand_augment import (
     NEGATED,
     RAND_INCREASING_TRANSFORMS,
     RAND_TRANSFORMS,
     BatchRandAugment,
+    _affine,
+    _affine_triton,
+    _rotation,
 )
 
 FILL = (124, 116, 104)
@@ -152,10 +156,31 @@ def test_output_dtype_shape_device_and_input_untouched():
     assert torch.equal(augment(images, skipped), images)
 
 
+@pytest.mark.skipif(not kernels.INTERPRETED, reason="TRITON_INTERPRET=0: test_cuda_matches_cpu covers the kernel")
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_affine_kernel_is_the_torch_affine(interpolation):
+    """The Triton affine warp (CUDA's path; here through the interpreter) against the torch one that the
+    timm comparisons above check: rotations, shears, translations, points outside the image."""
+    images = make_images(20, 26)
+    n, _, h, w = images.shape
+    matrix = torch.zeros(n, 6, dtype=torch.float64)
+    matrix[:, 0] = matrix[:, 4] = 1.0
+    matrix[0] = _rotation(torch.tensor([27.0]), w, h)[0]
+    matrix[1] = _rotation(torch.tensor([-13.5]), w, h)[0]
+    matrix[2, 1] = 0.27  # ShearX
+    matrix[3, 3] = -0.3  # ShearY
+    matrix[4, 2], matrix[4, 5] = 9.4, -4.1  # translate, partly out of the image
+    out = _affine_triton(images, matrix, FILL, interpolation)
+    expected = _affine(images, matrix, FILL, interpolation)
+    diff = (out.int() - expected.int()).abs()
+    # the same float64 points and float32 weights; only the order of the float32 sums can differ
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, (diff.max(), (diff > 0).float().mean())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu():
-    augment = BatchRandAugment("rand-m9-mstd0.5-n1-p1", FILL)
+    augment = BatchRandAugment("rand-m9-mstd0.5-n1-p1", FILL)  # geometric ops: the Triton kernel on CUDA
     images = make_images().repeat(8, 1, 1, 1)
     random.seed(0)
     params = torch.stack([augment.sample() for _ in images])

@@ -1,7 +1,8 @@
 """timm's RandAugment ('rand-m9-mstd0.5', ...) on uint8 image batches with tensor ops, on any device.
 
-Why: RandAugment on PIL is a large part of a loader worker's per-image cost; on the GPU a batch of 128 costs
-about 250 kernel launches. The policy is split in two so that the random draws stay where timm makes them:
+Why: RandAugment on PIL is a large part of a loader worker's per-image cost; on the GPU a batch of 128 cost
+~250 kernel launches with every op as tensor ops; on CUDA the geometric ops' affine warp is now one Triton
+kernel (kat.data.kernels). The policy is split in two so that the random draws stay where timm makes them:
   - `sample()` runs in a loader worker, once per image, and draws what timm's RandAugment draws per image
     (op, probability skip, magnitude noise, sign) from Python's `random`;
   - `__call__(images, params)` applies those draws to a batch: per layer, the images are grouped by the
@@ -26,7 +27,9 @@ Not implemented (the config parser rejects them): timm's weighted op choice ('t'
 'random' interpolation.
 """
 
+import contextlib
 import functools
+import importlib.util
 import math
 import random
 import re
@@ -35,6 +38,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 _LEVEL_DENOM = 10.0  # timm: magnitude 10 is an op's full strength
 
 RAND_TRANSFORMS = (
@@ -418,13 +422,16 @@ def _rotation(degrees: torch.Tensor, w: int, h: int) -> torch.Tensor:
 
 
 def _affine(images: torch.Tensor, matrix: torch.Tensor, fill: tuple, interpolation: str) -> torch.Tensor:
-    """Sample each image at its matrix's input points as PIL's bilinear/bicubic affine filters do.
+    """Sample each image at its matrix's input points as PIL's bilinear/bicubic affine filters do (on CUDA: one
+    Triton kernel, kat.data.kernels._affine_kernel, with the same arithmetic).
 
     PIL: the input point of output pixel (x, y) is matrix @ (x + 0.5, y + 0.5, 1) (float64 here too); a
     point outside [0, W) x [0, H) gets the fill; else the taps at floor(point - 0.5) + offsets, clamped to the
     image, are weighted by the kernel at point - 0.5 - floor(point - 0.5); the value is truncated to uint8.
     """
     n, c, h, w = images.shape
+    if images.is_cuda and _HAS_TRITON:
+        return _affine_triton(images, matrix, fill, interpolation)
     centres, size, last, taps, powers, coefficients, fill = _sampling_constants(
         h, w, interpolation, fill, images.device
     )
@@ -443,6 +450,29 @@ def _affine(images: torch.Tensor, matrix: torch.Tensor, fill: tuple, interpolati
     sampled = (values.float() * weight).sum(-1).view(n, c, h, w)
     sampled = sampled.add_(_TRUNCATE_SLACK).clamp_(0, 255).to(torch.uint8)
     return torch.where(inside[:, None], sampled, fill)
+
+
+def _affine_triton(images: torch.Tensor, matrix: torch.Tensor, fill: tuple, interpolation: str) -> torch.Tensor:
+    """_affine in one kernel launch: no [n, H, W, taps] intermediates (the torch version moves ~50 MB of them per
+    image through memory, which on the GPU competes with the training step)."""
+    import triton
+
+    from kat.data import kernels
+
+    n, c, h, w = images.shape
+    images = images.contiguous()
+    out = torch.empty_like(images)
+    fill = _sampling_constants(h, w, interpolation, fill, images.device)[-1].view(3)
+    grid = (triton.cdiv(h * w, _AFFINE_BLOCK), n)
+    with torch.cuda.device(images.device) if images.is_cuda else contextlib.nullcontext():
+        kernels._affine_kernel[grid](
+            images, matrix.to(torch.float64).contiguous(), fill, out, h, w, _TRUNCATE_SLACK,
+            BICUBIC=interpolation == "bicubic", BLOCK=_AFFINE_BLOCK, enable_fp_fusion=False,  # as the CPU: no FMA
+        )  # fmt: skip
+    return out
+
+
+_AFFINE_BLOCK = 256  # output pixels per program
 
 
 @functools.lru_cache(maxsize=32)
