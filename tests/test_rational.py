@@ -45,6 +45,14 @@ def reference64(x, numerator, denominator, grad_output):
     return run(x.double(), numerator.double(), denominator.double(), grad_output.double(), "reference")
 
 
+def sum_error(value: torch.Tensor, reference: torch.Tensor, magnitude: torch.Tensor) -> float:
+    """||value - reference|| relative to `magnitude`: the same sums taken with |grad_output|, i.e. without the
+    cancellation between the gradient's signs. A coefficient gradient sums millions of terms; in fp32 it is
+    accurate to the size of its terms, not of its result, which cancellation can make 500x smaller (such
+    draws gave 2e-5 relative error here, and 1e-5 for the plain PyTorch path in fp32)."""
+    return ((value.double() - reference).norm() / magnitude.norm()).item()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
@@ -373,7 +381,8 @@ def test_cuda_kernels_match_reference_and_are_deterministic():
         y64, dx64, d_num64, d_den64 = reference64(x, numerator, denominator, grad_output)
         assert_rounded_close(y, y64, dtype, backend)
         assert_rounded_close(dx, dx64, dtype, backend)
-        assert relative_error(d_num, d_num64) <= 1e-6 and relative_error(d_den, d_den64) <= 1e-6
+        *_, num_size, den_size = reference64(x, numerator, denominator, grad_output.abs())
+        assert sum_error(d_num, d_num64, num_size) <= 1e-6 and sum_error(d_den, d_den64, den_size) <= 1e-6
         again = run(x, numerator, denominator, grad_output, "triton")
         assert torch.equal(again[2], d_num) and torch.equal(again[3], d_den)
 
@@ -383,7 +392,8 @@ def test_cuda_kernels_match_reference_and_are_deterministic():
         y64, dh64, d_num64, d_den64 = reference64(h, numerator, denominator, grad_output)
         assert_rounded_close(fused[0], y64, dtype, backend)
         assert_rounded_close(fused[1], dh64, dtype, backend)
-        assert relative_error(fused[2], d_num64) <= 1e-6 and relative_error(fused[3], d_den64) <= 1e-6
-        assert relative_error(fused[4], dh64.sum(0)) <= 1e-6
+        *_, num_size, den_size = reference64(h, numerator, denominator, grad_output.abs())
+        assert sum_error(fused[2], d_num64, num_size) <= 1e-6 and sum_error(fused[3], d_den64, den_size) <= 1e-6
+        assert sum_error(fused[4], dh64.sum(0), dh64.abs().sum(0)) <= 1e-6
         again = run_with_bias(x, numerator, denominator, bias, grad_output, backend)
         assert all(torch.equal(a, b) for a, b in zip(again, fused))
