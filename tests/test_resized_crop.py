@@ -45,9 +45,10 @@ def batch(seed: int, size: tuple[int, int]):
         if i == 0:
             height, width = out_h + 3, out_w + 5
             h, w = out_h, out_w  # output size: no resampling at all
-        elif i in (2, 3):  # Pillow's two orders of the passes: vertical first, then horizontal first
-            height, width = (60, 20) if i == 2 else (20, 60)
-            h, w = (50, out_w + 1) if i == 2 else (out_h + 2, 50)
+        elif i in (2, 3):  # Pillow's two orders of the passes: vertical first (the crop wider than one block
+            # of kernel columns: several column chunks), then horizontal first
+            height, width = (60, 2 * out_w) if i == 2 else (20, 60)
+            h, w = (50, 2 * out_w - 2) if i == 2 else (out_h + 2, 50)
         elif i == 1:
             h, w = 1, int(rng.integers(1, width + 1))  # a one-row crop
         else:
