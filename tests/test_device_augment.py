@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from photos import photo_pixels
 from PIL import Image
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torch.utils.data import DataLoader
@@ -26,12 +27,7 @@ DATA_CONFIG = {"input_size": [3, 24, 24], "interpolation": "bicubic", "mean": [0
 
 
 def photo(seed: int, height: int, width: int) -> Image.Image:
-    """Smooth colour fields plus a little noise: compresses like a photo."""
-    rng = np.random.default_rng(seed)
-    coarse = Image.fromarray(rng.integers(0, 256, (height // 8 + 2, width // 8 + 2, 3), dtype=np.uint8))
-    pixels = np.asarray(coarse.resize((width, height), Image.BICUBIC), dtype=np.int16)
-    pixels = pixels + rng.integers(-6, 7, (height, width, 3))
-    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+    return Image.fromarray(photo_pixels(np.random.default_rng(seed), height, width, cell=8, noise=6))
 
 
 @pytest.fixture(scope="module")

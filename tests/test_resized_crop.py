@@ -4,6 +4,7 @@ path) against PIL's crop().resize(), which is what timm's RandomResizedCrop comp
 import numpy as np
 import pytest
 import torch
+from photos import photo_pixels
 from PIL import Image
 
 from kat.data import kernels, resized_crop
@@ -28,10 +29,7 @@ IMPLEMENTATIONS = {
 
 
 def photo(rng, height: int, width: int) -> np.ndarray:
-    """Smooth colour fields plus noise, uint8 [H, W, 3]."""
-    coarse = Image.fromarray(rng.integers(0, 256, (height // 6 + 2, width // 6 + 2, 3), dtype=np.uint8))
-    pixels = np.asarray(coarse.resize((width, height), Image.BICUBIC), dtype=np.int16)
-    return (pixels + rng.integers(-8, 9, (height, width, 3))).clip(0, 255).astype(np.uint8)
+    return photo_pixels(rng, height, width, cell=6, noise=8)
 
 
 def batch(seed: int, size: tuple[int, int]):

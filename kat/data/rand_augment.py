@@ -27,7 +27,6 @@ Not implemented (the config parser rejects them): timm's weighted op choice ('t'
 'random' interpolation.
 """
 
-import contextlib
 import functools
 import importlib.util
 import math
@@ -458,13 +457,14 @@ def _affine_triton(images: torch.Tensor, matrix: torch.Tensor, fill: tuple, inte
     import triton
 
     from kat.data import kernels
+    from kat.rational.kernels import device_guard
 
     n, c, h, w = images.shape
     images = images.contiguous()
     out = torch.empty_like(images)
     fill = _sampling_constants(h, w, interpolation, fill, images.device)[-1].view(3)
     grid = (triton.cdiv(h * w, _AFFINE_BLOCK), n)
-    with torch.cuda.device(images.device) if images.is_cuda else contextlib.nullcontext():
+    with device_guard(images.device):
         kernels._affine_kernel[grid](
             images, matrix.to(torch.float64).contiguous(), fill, out, h, w, _TRUNCATE_SLACK,
             BICUBIC=interpolation == "bicubic", BLOCK=_AFFINE_BLOCK, enable_fp_fusion=False,  # as the CPU: no FMA

@@ -6,12 +6,11 @@ Pillow's order (`pil_runs_vertical_first`). Two implementations:
   triton: CUDA tensors: kat.data.kernels, two kernel launches per batch that read the decoded
           images in place; the host work per batch is a table of addresses and one small metadata copy (0.6
           ms per batch of 128 on an H200 host, against 7 ms for the torch path: docs/BENCHMARKS.md section 4);
-  torch:  other devices: the crops zero-padded into a few canvases and resampled by two batched matmuls with
-          per-image weight matrices. The tests run the kernels on the CPU through the Triton interpreter
+  torch:  other devices: the crops zero-padded into a few canvases and resampled by two batched integer
+          matmuls with per-image fixed-point weight matrices. The tests run the kernels on the CPU through the Triton interpreter
           (TRITON_INTERPRET=1) and check both against PIL.
 """
 
-import contextlib
 import importlib.util
 
 import PIL
@@ -43,6 +42,7 @@ def _resized_crops_triton(images, boxes, flips, size, interpolation) -> torch.Te
     import triton
 
     from kat.data import kernels
+    from kat.rational.kernels import device_guard
 
     out_h, out_w = size
     device = images[0].device
@@ -50,8 +50,9 @@ def _resized_crops_triton(images, boxes, flips, size, interpolation) -> torch.Te
     vertical_first = pil_runs_vertical_first(crop_h, crop_w, out_h, out_w)
     first_rows = torch.where(vertical_first, out_h, crop_h)  # rows of the first pass' output
     sizes = 3 * first_rows * torch.where(vertical_first, crop_w, out_w)  # its [3, rows, width] block
-    if int(sizes.sum()) >= 2**31:  # the kernels' int32 offsets
-        raise ValueError(f"crops of {int(sizes.sum())} bytes after the first pass in one batch; use smaller batches")
+    buffer_bytes = int(sizes.sum())
+    if buffer_bytes >= 2**31:  # the kernels' int32 offsets
+        raise ValueError(f"crops of {buffer_bytes} bytes after the first pass in one batch; use smaller batches")
     meta = torch.stack(  # [B, META]: the kernels' per-image metadata
         [torch.tensor([image.shape[1] for image in images]), torch.tensor([image.shape[2] for image in images]),
          boxes[:, 0], boxes[:, 1], crop_h, crop_w, torch.cumsum(sizes, 0) - sizes, flips.long(),
@@ -61,7 +62,7 @@ def _resized_crops_triton(images, boxes, flips, size, interpolation) -> torch.Te
     # list holds them; the caching allocator orders their reuse after this stream's kernels).
     images = [image.contiguous() for image in images]
     addresses = torch.tensor([image.data_ptr() for image in images], dtype=torch.int64).to(device, non_blocking=True)
-    buffer = torch.empty(int(sizes.sum()), dtype=torch.uint8, device=device)
+    buffer = torch.empty(buffer_bytes, dtype=torch.uint8, device=device)
     batch = torch.empty(len(images), 3, out_h, out_w, dtype=torch.uint8, device=device)
     constants = {
         "SUPPORT": 2.0 if interpolation == "bicubic" else 1.0,
@@ -71,7 +72,7 @@ def _resized_crops_triton(images, boxes, flips, size, interpolation) -> torch.Te
         "META": kernels.META,
         "enable_fp_fusion": False,  # PIL's float64 weights to the last bit: no fused multiply-adds
     }
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():  # launch on `device`
+    with device_guard(device):
         grid = (triton.cdiv(int(first_rows.max()), kernels.BLOCK_R), len(images), 3)
         kernels._first_pass_kernel[grid](addresses, meta, buffer, out_h, out_w, **constants)
         grid = (triton.cdiv(out_h, kernels.BLOCK_R), len(images), 3)
@@ -103,7 +104,7 @@ def _resized_crops_torch(images, boxes, size, interpolation) -> torch.Tensor:
         heights, widths = boxes[group, 2], boxes[group, 3]
         canvas = torch.zeros(len(group), 3, int(heights.max()), int(widths.max()), dtype=torch.uint8, device=device)
         crops = [images[i][:, t : t + h, le : le + w] for i, (t, le, h, w) in zip(group, boxes[group].tolist())]
-        # One call for all the copies (per-image copy_ calls cost the host ~70 us each, 9 ms per batch).
+        # One call for all the copies (one copy_ per image cost the GPU host ~70 us each, when this path ran there).
         torch._foreach_copy_([canvas[slot, :, : c.shape[1], : c.shape[2]] for slot, c in enumerate(crops)], crops)
         canvas = canvas.long()
         rows = resize_weights(heights, out_h, canvas.shape[2], interpolation).to(device).unsqueeze(1)
