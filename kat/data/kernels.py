@@ -17,8 +17,8 @@ without fused multiply-adds, which PIL's x86-64 build does not use either.
 
 RandAugment's affine warp (Rotate, Shear, Translate; kat.data.rand_augment's fast path): one program per block
 of output pixels of one image, all three channels, with the same arithmetic as rand_augment._affine (input
-point in float64, tap weights cast to float32, float32 sums), in one pass instead of ~30 tensor ops over
-[n, H, W, taps] intermediates.
+point in float64, tap weights cast to float32, float32 sums), in one pass instead of 53 tensor ops whose
+intermediates take 52 MB per 224 x 224 image (bicubic; counted with the torch profiler on a CPU).
 """
 
 import triton
