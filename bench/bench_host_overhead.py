@@ -81,4 +81,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with torch.autograd.set_multithreading_enabled(False):  # backward on this thread, as train.py runs it
+        main()

@@ -68,7 +68,8 @@ class Runner:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = self.model(self.images)
         loss = F.cross_entropy(logits.float(), self.targets)
-        loss.backward()
+        with torch.autograd.set_multithreading_enabled(False):  # as train.py runs it (kat/training/loop.py)
+            loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss

@@ -6,6 +6,7 @@ variance through all 12 blocks); full-size models are built but never run at 224
 
 import argparse
 import math
+import re
 
 import pytest
 import safetensors.torch
@@ -330,6 +331,39 @@ def test_checkpoint_files_are_loaded_without_running_pickled_code(tmp_path):
         tiny(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     with pytest.raises(FileNotFoundError, match="is a directory"):
         tiny(pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_torch_compile_launches_our_kernels_cuda():
+    """On CUDA the GR-KAN ops are triton_ops: inductor's code for a forward + backward launches our Triton
+    kernels itself (no kat op called through the dispatcher and our Python wrappers at run time) and
+    matches eager in loss and gradients."""
+    from torch._inductor.utils import run_and_get_code
+
+    from kat.rational import kernels
+
+    if kernels.INTERPRETED:
+        pytest.skip("TRITON_INTERPRET=1: run with TRITON_INTERPRET=0 to test the compiled kernels")
+    model = tiny(num_classes=10).cuda().eval()  # eval: no drop-path draws to differ between the two runs
+    x = images().cuda()
+
+    def step(m):
+        loss = m(x).square().mean()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    loss, grads = step(model)
+    model.zero_grad(set_to_none=True)
+    (compiled_loss, compiled_grads), code = run_and_get_code(step, torch.compile(model, fullgraph=True))
+    code = "\n".join(code)
+    assert "torch.ops.kat." not in code
+    for kernel in ("_rational_forward_kernel", "_rational_backward_kernel", "_rational_reduce_kernel",
+                   "_forward_kernel", "_backward_kernel", "_reduce_kernel"):  # act2 (+ fc1 bias), norm2 -> act1
+        assert re.search(rf"def {kernel}(_\d+)?\(", code), kernel  # inductor may number user kernels
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-4, atol=1e-6)
+    for a, b in zip(compiled_grads, grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow

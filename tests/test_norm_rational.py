@@ -245,9 +245,25 @@ def test_reference_gradcheck_fp64():
         )
 
 
-def test_opcheck():
-    x, weight, bias, numerator, denominator = make_inputs(6, 16, 1, 4, torch.float32)
-    grad_output = randn(6, 16)
+# On CUDA with compiled kernels the ops are torch.library.triton_ops (kat.rational.op.define_op), on the CPU
+# (interpreter) opaque custom ops: opcheck covers both registrations.
+CUDA_TRITON_OPS = pytest.param(
+    "cuda",
+    marks=[
+        pytest.mark.gpu,
+        pytest.mark.skipif(
+            not torch.cuda.is_available() or rational_kernels.INTERPRETED,
+            reason="needs a CUDA device and TRITON_INTERPRET=0",
+        ),
+    ],
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA_TRITON_OPS])
+def test_opcheck(device):
+    inputs = make_inputs(6, 16, 1, 4, torch.float32)
+    x, weight, bias, numerator, denominator = (None if t is None else t.to(device) for t in inputs)
+    grad_output = randn(6, 16).to(device)
     for backend in BACKENDS:
         for w, b, out_dtype in ((weight, bias, torch.bfloat16), (None, None, torch.float32)):
             leaves = [None if t is None else t.clone().requires_grad_(True) for t in (x, w, b)]

@@ -300,11 +300,27 @@ def test_triton_backend_errors(monkeypatch):
         GroupRational(10, groups=4)
 
 
-def test_opcheck():
-    x, numerator, denominator = make_inputs(6, 16, 4, 1, 4, torch.float32)
-    grad_output = torch.randn(6, 16)
+# On CUDA with compiled kernels the ops are torch.library.triton_ops (kat.rational.op.define_op), on the CPU
+# (interpreter) opaque custom ops: opcheck covers both registrations.
+CUDA_TRITON_OPS = pytest.param(
+    "cuda",
+    marks=[
+        pytest.mark.gpu,
+        pytest.mark.skipif(
+            not torch.cuda.is_available() or rational_kernels.INTERPRETED,
+            reason="needs a CUDA device and TRITON_INTERPRET=0",
+        ),
+    ],
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA_TRITON_OPS])
+def test_opcheck(device):
+    x, numerator, denominator = (t.to(device) for t in make_inputs(6, 16, 4, 1, 4, torch.float32))
+    grad_output = torch.randn(6, 16, device=device)
     for backend in BACKENDS:
         for num, bias in ((numerator, None), (torch.randn(4, 6), None), (numerator, torch.randn(16))):
+            num, bias = num.to(device), None if bias is None else bias.to(device)
             bias = None if bias is None else bias.requires_grad_(True)
             args = (
                 x.requires_grad_(True),

@@ -1,6 +1,7 @@
 """GR-KAN operator: the group-rational activation F(x) = P(x)/Q(x) of KAT (see KAT_FACTS section 2).
 
-- `group_rational(x, numerator, denominator, backend=None)`: the differentiable op (torch.library custom op);
+- `group_rational(x, numerator, denominator, backend=None)`: the differentiable op (a torch.library op; torch.compile
+  traces into its Triton kernels on CUDA);
 - `GroupRational(channels, groups=8, init=...)`: the module with checkpoint-compatible parameters;
 - `layer_norm_rational(x, weight, bias, eps, numerator, denominator)`: F(LayerNorm(x)) fused into one op (the
   KAT block's norm2 -> act1 pair), same function as the two ops in sequence;

@@ -17,6 +17,7 @@ configs in different processes, which would change the reduction order and break
 """
 
 import contextlib
+import functools
 
 import torch
 import triton
@@ -255,6 +256,12 @@ def _rational_reduce_kernel(
 INTERPRETED = isinstance(_rational_forward_kernel, InterpretedFunction)
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b). Not triton.cdiv: in recent Triton it is a jit-decorated function costing ~10 us per host
+    call, several times per op call on an eager step's critical path."""
+    return (a + b - 1) // b
+
+
 def block_channels(group_size: int) -> int:
     """Channels per program (blocks never straddle groups, so coefficients are per-program scalars): the
     largest power of two <= 256 dividing C/G if it is >= 32 (no masked lanes), else a masked power of two."""
@@ -266,6 +273,7 @@ def block_channels(group_size: int) -> int:
     return min(256, triton.next_power_of_2(group_size))
 
 
+@functools.cache
 def forward_config(group_size: int) -> dict:
     """Tiles of 4K elements (16 KB fp32 / 8 KB bf16 per program), 4 warps: the fastest of
     bench_rational.py --sweep on an H200 (bf16, C = 768 and 1536; 8K-element tiles at 8 warps were 7-9% slower)."""
@@ -273,6 +281,7 @@ def forward_config(group_size: int) -> dict:
     return {"BLOCK_N": 4096 // block_c, "BLOCK_C": block_c, "num_warps": 4}
 
 
+@functools.cache
 def backward_config(group_size: int) -> dict:
     """Row tiles of 2K elements (16 per thread at 4 warps, each with 11 fp32 accumulators), 2 programs per SM,
     3 pipeline stages: the fastest of bench_rational.py --sweep on an H200 (bf16, C = 768 and 1536, fc1's bias
@@ -325,60 +334,76 @@ def check_device(x: Tensor, op_name: str) -> None:
 
 
 def device_guard(device: torch.device):
-    """Launch on x's device: Triton launches on the current device, so kernels on cuda:1 need this guard."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    """Launch on x's device: Triton launches on the current device, so kernels on cuda:1 need this guard
+    (skipped when x is on the current device: entering torch.cuda.device costs ~4 us of host time)."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
-def _launch_args(
-    x2d: Tensor, numerator: Tensor, denominator: Tensor, bias: Tensor | None, block_c: int
-) -> tuple[tuple, dict, int]:
-    """((num, den, bias, row strides, N, C) kernel arguments, constexpr arguments, number of channel blocks).
+def direct(kernel):
+    """The kernel itself. Launches go through `wrap(kernel)`: the torch.library.triton_op in kat.rational.op
+    passes torch.library.wrap_triton, which lets torch.compile see and launch the kernels itself."""
+    return kernel
+
+
+@functools.cache
+def _channel_layout(
+    n_cols: int, groups: int, shared_num: bool, shared_den: bool, has_bias: bool, block_c: int
+) -> tuple[dict, int, int, int]:
+    """(constexpr arguments, number of channel blocks, numerator and denominator row strides).
 
     The group size is a compile-time constant: the compiler then knows each block's start alignment and
-    vectorises the loads (a KAT model has only two or three distinct group sizes). Coefficients and bias
-    are read in their own dtypes; a missing bias passes x as a placeholder pointer the kernel never reads.
+    vectorises the loads (a KAT model has only two or three distinct group sizes). A row stride of 0 means
+    one coefficient row shared by all groups.
     """
-    n_rows, n_cols = x2d.shape
-    groups = max(numerator.shape[0], denominator.shape[0])
     group_size = n_cols // groups
-    chunks_per_group = triton.cdiv(group_size, block_c)
-    num_row_stride = 0 if numerator.shape[0] == 1 else 6
-    den_row_stride = 0 if denominator.shape[0] == 1 else 4
-    args = (
-        numerator.contiguous(),
-        denominator.contiguous(),
-        x2d if bias is None else bias.contiguous(),
-        num_row_stride,
-        den_row_stride,
-        n_rows,
-        n_cols,
-    )
+    chunks_per_group = cdiv(group_size, block_c)
     constants = {
         "group_size": group_size,
         "chunks_per_group": chunks_per_group,
-        "HAS_BIAS": bias is not None,
+        "HAS_BIAS": has_bias,
         "BLOCK_C": block_c,
     }
-    return args, constants, groups * chunks_per_group
+    return constants, groups * chunks_per_group, 0 if shared_num else 6, 0 if shared_den else 4
+
+
+def coefficient_groups(numerator: Tensor, denominator: Tensor) -> int:
+    # int(): under torch.compile with dynamic shapes a size is a SymInt; the kernels specialise on it anyway.
+    return int(max(numerator.shape[0], denominator.shape[0]))
+
+
+def _layout(x: Tensor, numerator: Tensor, denominator: Tensor, bias: Tensor | None, block_c: int):
+    shared_num, shared_den = bool(numerator.shape[0] == 1), bool(denominator.shape[0] == 1)
+    groups = coefficient_groups(numerator, denominator)
+    return _channel_layout(int(x.shape[-1]), groups, shared_num, shared_den, bias is not None, block_c)
 
 
 def rational_forward(
-    x: Tensor, numerator: Tensor, denominator: Tensor, bias: Tensor | None = None, config: dict | None = None
+    x: Tensor,
+    numerator: Tensor,
+    denominator: Tensor,
+    bias: Tensor | None = None,
+    config: dict | None = None,
+    wrap=direct,
 ) -> Tensor:
     """y = F(x + bias) (x's shape and dtype, contiguous). `config` overrides `forward_config` (benchmarks)."""
     _check_runnable(x)
-    x2d = x.contiguous().view(-1, x.shape[-1])  # [N, C]
-    y = torch.empty_like(x2d)
-    if x.numel() > 0:
-        groups = max(numerator.shape[0], denominator.shape[0])
-        cfg = config or forward_config(x.shape[-1] // groups)
-        args, constants, n_blocks = _launch_args(x2d, numerator, denominator, bias, cfg["BLOCK_C"])
-        grid = (triton.cdiv(x2d.shape[0], cfg["BLOCK_N"]), n_blocks)  # rows on axis 0: no 65535 limit
+    x = x.contiguous()  # read as [N, C] row-major
+    y = torch.empty_like(x)
+    n_cols = int(x.shape[-1])
+    n_rows = x.numel() // n_cols if n_cols else 0
+    if n_rows > 0:
+        cfg = config or forward_config(n_cols // coefficient_groups(numerator, denominator))
+        constants, n_blocks, num_stride, den_stride = _layout(x, numerator, denominator, bias, cfg["BLOCK_C"])
+        bias = x if bias is None else bias.contiguous()  # a placeholder pointer the kernel never reads
+        grid = (cdiv(n_rows, cfg["BLOCK_N"]), n_blocks)  # rows on axis 0: no 65535 limit
         with device_guard(x.device):
-            _rational_forward_kernel[grid](
-                x2d, y, *args, **constants, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"]
-            )
-    return y.view(x.shape)
+            wrap(_rational_forward_kernel)[grid](
+                x, y, numerator.contiguous(), denominator.contiguous(), bias, num_stride, den_stride, n_rows,
+                n_cols, **constants, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+            )  # fmt: skip
+    return y
 
 
 def rational_backward(
@@ -388,44 +413,49 @@ def rational_backward(
     denominator: Tensor,
     bias: Tensor | None = None,
     config: dict | None = None,
+    wrap=direct,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(dx in x's dtype, d numerator, d denominator, d bias (None without a bias) in the parameters' dtypes);
     deterministic. x is the input before the bias is added."""
     _check_runnable(x)
-    groups = max(numerator.shape[0], denominator.shape[0])
-    channels = x.shape[-1]
-    x2d = x.contiguous().view(-1, channels)  # [N, C]
-    grad2d = grad_output.to(x.dtype).contiguous().view(-1, channels)
-    dx = torch.empty_like(x2d)
+    groups = coefficient_groups(numerator, denominator)
+    channels = int(x.shape[-1])
+    x = x.contiguous()  # [N, C] row-major, as grad_output and dx
+    grad_output = grad_output.to(x.dtype).contiguous()
+    n_rows = x.numel() // channels if channels else 0
+    dx = torch.empty_like(x)
     cfg = config or backward_config(channels // groups)
-    args, constants, n_blocks = _launch_args(x2d, numerator, denominator, bias, cfg["BLOCK_C"])
-    n_row_tiles = triton.cdiv(x2d.shape[0], cfg["BLOCK_N"])
+    constants, n_blocks, num_stride, den_stride = _layout(x, numerator, denominator, bias, cfg["BLOCK_C"])
+    n_row_tiles = cdiv(n_rows, cfg["BLOCK_N"])
     n_row_programs = max(1, min(n_row_tiles, num_sms(x.device) * cfg["programs_per_sm"] // n_blocks))
     device = x.device
+    numerator, denominator = numerator.contiguous(), denominator.contiguous()
     partials = torch.empty(n_row_programs, n_blocks, 10, device=device, dtype=torch.float32)
-    bias_partials = (
-        torch.empty(n_row_programs, channels, device=device, dtype=torch.float32)
-        if bias is not None
-        else partials
-    )
     d_num = torch.empty(numerator.shape, device=device, dtype=torch.float32)
     d_den = torch.empty(denominator.shape, device=device, dtype=torch.float32)
-    d_bias = torch.empty(channels, device=device, dtype=torch.float32) if bias is not None else d_num
-    if x.numel() == 0:
+    if bias is not None:
+        bias_partials = torch.empty(n_row_programs, channels, device=device, dtype=torch.float32)
+        d_bias = torch.empty(channels, device=device, dtype=torch.float32)
+        bias = bias.contiguous()
+    else:  # placeholders the kernels never touch (HAS_BIAS = False), not aliases of real outputs
+        bias_partials = d_bias = torch.empty(1, device=device, dtype=torch.float32)
+        bias = x
+    if n_rows == 0:
         partials.zero_()
         bias_partials.zero_()
-    reduce_programs = 10 + (triton.cdiv(channels, _REDUCE_BLOCK) if bias is not None else 0)
+    reduce_programs = 10 + (cdiv(channels, _REDUCE_BLOCK) if constants["HAS_BIAS"] else 0)
     with device_guard(device):
-        if x.numel() > 0:
-            _rational_backward_kernel[(n_blocks, n_row_programs)](
-                grad2d, x2d, dx, partials, bias_partials, *args, n_row_tiles,
-                **constants, BLOCK_N=cfg["BLOCK_N"], NUM_STAGES=cfg.get("num_stages", 1), num_warps=cfg["num_warps"],
+        if n_rows > 0:
+            wrap(_rational_backward_kernel)[(n_blocks, n_row_programs)](
+                grad_output, x, dx, partials, bias_partials, numerator, denominator, bias, num_stride,
+                den_stride, n_rows, channels, n_row_tiles, **constants, BLOCK_N=cfg["BLOCK_N"],
+                NUM_STAGES=cfg.get("num_stages", 1), num_warps=cfg["num_warps"],
             )  # fmt: skip
-        _rational_reduce_kernel[(reduce_programs,)](
-            partials, bias_partials, args[1], d_num, d_den, d_bias, args[4], n_row_programs, channels,
+        wrap(_rational_reduce_kernel)[(reduce_programs,)](
+            partials, bias_partials, denominator, d_num, d_den, d_bias, den_stride, n_row_programs, channels,
             groups=groups, chunks_per_group=constants["chunks_per_group"],
-            NUM_SHARED=numerator.shape[0] == 1, DEN_SHARED=denominator.shape[0] == 1, BLOCK=_REDUCE_BLOCK,
+            NUM_SHARED=num_stride == 0, DEN_SHARED=den_stride == 0, BLOCK=_REDUCE_BLOCK,
             num_warps=1,
         )  # fmt: skip
-    d_bias = None if bias is None else d_bias.to(bias.dtype)
-    return dx.view(x.shape), d_num.to(numerator.dtype), d_den.to(denominator.dtype), d_bias
+    d_bias = None if not constants["HAS_BIAS"] else d_bias.to(bias.dtype)
+    return dx, d_num.to(numerator.dtype), d_den.to(denominator.dtype), d_bias

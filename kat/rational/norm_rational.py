@@ -7,11 +7,11 @@ normalises each row, applies gamma/beta and F, and writes y directly in the dtyp
 saves only x (which the residual stream keeps alive anyway), mean and rstd ([N] fp32) and recomputes the
 LayerNorm output.
 
-Two custom ops, `kat::layer_norm_rational_fwd` -> (y, mean, rstd) and `kat::layer_norm_rational_bwd` ->
-(dx, d_weight, d_bias, d_numerator, d_denominator), with fake and autograd registrations, are what
-torch.compile traces; eager calls run the same implementations through an autograd.Function, which costs far
-less host time than the custom-op dispatch (as `kat.rational.op.group_rational` does). Backends, chosen by
-`kat.rational.op.active_backend`:
+Two ops, `kat::layer_norm_rational_fwd` -> (y, mean, rstd) and `kat::layer_norm_rational_bwd` ->
+(dx, d_weight, d_bias, d_numerator, d_denominator), with an autograd registration, are what torch.compile
+traces (triton_ops where Triton compiles the kernels: see `kat.rational.op.define_op`); eager calls run the
+same implementations through an autograd.Function, which costs far less host time than the op dispatch (as
+`kat.rational.op.group_rational` does). Backends, chosen by `kat.rational.op.active_backend`:
   'triton': kat.rational.norm_rational_kernels (CUDA; CPU tensors run in the interpreter, TRITON_INTERPRET=1)
   'torch':  torch.native_layer_norm composed with kat.rational.reference, explicit LayerNorm backward;
             the same function and gradients, also in float64.
@@ -23,16 +23,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kat.rational import reference
-from kat.rational.op import active_backend
+from kat.rational.op import HAS_TRITON, WRAP, active_backend, define_op
+
+if HAS_TRITON:  # kat works where triton is not installed: the 'torch' backend needs none
+    from kat.rational import norm_rational_kernels as _kernels
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def _kernels():
-    # Imported on first use: kat works where triton is not installed (the 'torch' backend needs no triton).
-    from kat.rational import norm_rational_kernels
-
-    return norm_rational_kernels
 
 
 def _stats_dtype(x, weight, bias, numerator, denominator, backend: str) -> torch.dtype:
@@ -73,23 +69,36 @@ def _torch_backward(grad_output, x, weight, bias, mean, rstd, numerator, denomin
     return dx.to(x.dtype).contiguous(), d_weight, d_bias, d_num, d_den  # contiguous, as the fake says
 
 
-def _forward_impl(x, weight, bias, eps, numerator, denominator, out_dtype, backend):
+def _forward_impl(x, weight, bias, eps, numerator, denominator, out_dtype, backend, wrap=None):
     if backend == "triton":
-        return _kernels().forward(x, weight, bias, eps, numerator, denominator, out_dtype)
+        return _kernels.forward(
+            x, weight, bias, eps, numerator, denominator, out_dtype, wrap=wrap or _kernels.direct
+        )
     return _torch_forward(x, weight, bias, eps, numerator, denominator, out_dtype)
 
 
-def _backward_impl(grad_output, x, weight, bias, mean, rstd, numerator, denominator, backend):
+def _backward_impl(grad_output, x, weight, bias, mean, rstd, numerator, denominator, backend, wrap=None):
     if backend == "triton":
-        return _kernels().backward(grad_output, x, weight, bias, mean, rstd, numerator, denominator)
+        return _kernels.backward(
+            grad_output, x, weight, bias, mean, rstd, numerator, denominator, wrap=wrap or _kernels.direct
+        )
     return _torch_backward(grad_output, x, weight, bias, mean, rstd, numerator, denominator)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Custom ops (what torch.compile traces).
+# Ops (what torch.compile traces).
 
 
-@torch.library.custom_op("kat::layer_norm_rational_fwd", mutates_args=())
+def _fwd_fake(x, weight, bias, eps, numerator, denominator, out_dtype, backend):
+    stats = _stats_dtype(x, weight, bias, numerator, denominator, backend)
+    return (
+        x.new_empty(x.shape, dtype=out_dtype),
+        x.new_empty(x.shape[:-1], dtype=stats),
+        x.new_empty(x.shape[:-1], dtype=stats),
+    )
+
+
+@define_op("kat::layer_norm_rational_fwd", _fwd_fake)
 def _layer_norm_rational_fwd(
     x: Tensor,
     weight: Tensor | None,
@@ -100,20 +109,21 @@ def _layer_norm_rational_fwd(
     out_dtype: torch.dtype,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _forward_impl(x, weight, bias, eps, numerator, denominator, out_dtype, backend)
+    return _forward_impl(x, weight, bias, eps, numerator, denominator, out_dtype, backend, WRAP)
 
 
-@_layer_norm_rational_fwd.register_fake
-def _(x, weight, bias, eps, numerator, denominator, out_dtype, backend):
-    stats = _stats_dtype(x, weight, bias, numerator, denominator, backend)
+def _bwd_fake(grad_output, x, weight, bias, mean, rstd, numerator, denominator, backend):
+    channels = x.shape[-1]
     return (
-        x.new_empty(x.shape, dtype=out_dtype),
-        x.new_empty(x.shape[:-1], dtype=stats),
-        x.new_empty(x.shape[:-1], dtype=stats),
+        x.new_empty(x.shape),
+        x.new_empty(channels, dtype=torch.float32 if weight is None else weight.dtype),
+        x.new_empty(channels, dtype=torch.float32 if bias is None else bias.dtype),
+        numerator.new_empty(numerator.shape),
+        denominator.new_empty(denominator.shape),
     )
 
 
-@torch.library.custom_op("kat::layer_norm_rational_bwd", mutates_args=())
+@define_op("kat::layer_norm_rational_bwd", _bwd_fake)
 def _layer_norm_rational_bwd(
     grad_output: Tensor,
     x: Tensor,
@@ -125,19 +135,7 @@ def _layer_norm_rational_bwd(
     denominator: Tensor,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _backward_impl(grad_output, x, weight, bias, mean, rstd, numerator, denominator, backend)
-
-
-@_layer_norm_rational_bwd.register_fake
-def _(grad_output, x, weight, bias, mean, rstd, numerator, denominator, backend):
-    channels = x.shape[-1]
-    return (
-        x.new_empty(x.shape),
-        x.new_empty(channels, dtype=torch.float32 if weight is None else weight.dtype),
-        x.new_empty(channels, dtype=torch.float32 if bias is None else bias.dtype),
-        numerator.new_empty(numerator.shape),
-        denominator.new_empty(denominator.shape),
-    )
+    return _backward_impl(grad_output, x, weight, bias, mean, rstd, numerator, denominator, backend, WRAP)
 
 
 def _parameter_grads(weight, bias, grads):

@@ -30,8 +30,11 @@ from torch import Tensor
 
 from kat.rational.kernels import (
     accumulate_coefficient_terms,
+    cdiv,
     check_device,
+    coefficient_groups,
     device_guard,
+    direct,
     num_sms,
     rational_backward_terms,
     rational_value,
@@ -118,7 +121,7 @@ def _forward_kernel(
     mean = tl.sum(tl.sum(x, axis=2), axis=1) / C  # [BLOCK_N]
     centered = tl.where(mask, x - mean[:, None, None], 0.0)
     var = tl.sum(tl.sum(centered * centered, axis=2), axis=1) / C
-    rstd = 1.0 / tl.sqrt_rn(var + eps)
+    rstd = 1.0 / tl.sqrt_rn((var + eps).to(tl.float32))  # torch.compile passes the float eps as fp64
     h = _affine(centered * rstd[:, None, None], w_ptr, b_ptr, cols, col_mask, HAS_WEIGHT, HAS_BIAS)
 
     a0, a1, a2, a3, a4, a5, c1, c2, c3, c4 = _coefficients(num_ptr, den_ptr, NUM_ROW_STRIDE, DEN_ROW_STRIDE, G, GP)
@@ -358,9 +361,8 @@ def _contiguous(t: Tensor | None) -> Tensor | None:
 def _parameter_args(x: Tensor, weight, bias, numerator: Tensor, denominator: Tensor) -> tuple[tuple, dict]:
     """(pointer arguments w, b, num, den; constexpr arguments). A missing weight/bias passes x as a
     placeholder pointer that the kernel never reads (HAS_WEIGHT / HAS_BIAS = False)."""
-    groups = max(numerator.shape[0], denominator.shape[0])
     constants = {
-        **layout(x.shape[-1], groups),
+        **layout(int(x.shape[-1]), coefficient_groups(numerator, denominator)),
         "NUM_ROW_STRIDE": 0 if numerator.shape[0] == 1 else 6,
         "DEN_ROW_STRIDE": 0 if denominator.shape[0] == 1 else 4,
         "HAS_WEIGHT": weight is not None,
@@ -385,8 +387,10 @@ def forward(
     denominator: Tensor,
     out_dtype: torch.dtype,
     config: dict | None = None,
+    wrap=direct,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(y [x.shape] in out_dtype, mean and rstd [x.shape[:-1]] fp32). `config` overrides `forward_config`."""
+    """(y [x.shape] in out_dtype, mean and rstd [x.shape[:-1]] fp32). `config` overrides `forward_config`;
+    `wrap` is torch.library.wrap_triton inside the triton_op (see kat.rational.kernels.direct)."""
     check_runnable(x, out_dtype)
     x = _contiguous(x)
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
@@ -394,11 +398,10 @@ def forward(
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     n_rows = mean.numel()
     if n_rows > 0:
-        groups = max(numerator.shape[0], denominator.shape[0])
-        cfg = config or forward_config(x.shape[-1], groups)
+        cfg = config or forward_config(int(x.shape[-1]), coefficient_groups(numerator, denominator))
         pointers, constants = _parameter_args(x, weight, bias, numerator, denominator)
         with device_guard(x.device):
-            _forward_kernel[(triton.cdiv(n_rows, cfg["BLOCK_N"]),)](
+            wrap(_forward_kernel)[(cdiv(n_rows, cfg["BLOCK_N"]),)](
                 x, *pointers, y, mean, rstd, n_rows, eps,
                 **constants, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
             )  # fmt: skip
@@ -415,6 +418,7 @@ def backward(
     numerator: Tensor,
     denominator: Tensor,
     config: dict | None = None,
+    wrap=direct,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx in x's dtype, d_weight, d_bias (C,), d_numerator, d_denominator); deterministic.
 
@@ -422,11 +426,11 @@ def backward(
     gradient of gamma = 1 / beta = 0). `config` overrides `backward_config` (benchmarks only)."""
     check_runnable(x, x.dtype)
     x, grad_output = _contiguous(x), _contiguous(grad_output)
-    channels = x.shape[-1]
-    groups = max(numerator.shape[0], denominator.shape[0])
+    channels = int(x.shape[-1])
+    groups = coefficient_groups(numerator, denominator)
     n_rows = mean.numel()
     cfg = config or backward_config(channels, groups)
-    n_tiles = triton.cdiv(n_rows, cfg["BLOCK_N"])
+    n_tiles = cdiv(n_rows, cfg["BLOCK_N"])
     n_programs = min(n_tiles, _num_programs(x.device, cfg["programs_per_sm"]))
     device = x.device
     dx = torch.empty(x.shape, dtype=x.dtype, device=device)
@@ -436,17 +440,17 @@ def backward(
     d_num = torch.empty(numerator.shape, dtype=torch.float32, device=device)
     d_den = torch.empty(denominator.shape, dtype=torch.float32, device=device)
     pointers, constants = _parameter_args(x, weight, bias, numerator, denominator)
-    channel_blocks = triton.cdiv(channels, _REDUCE["BLOCK_C"])
+    channel_blocks = cdiv(channels, _REDUCE["BLOCK_C"])
     with device_guard(device):
         if n_programs > 0:
-            _backward_kernel[(n_programs,)](
+            wrap(_backward_kernel)[(n_programs,)](
                 x, grad_output, *pointers, mean, rstd, dx, partials, n_rows, n_tiles, **constants,
                 BLOCK_N=cfg["BLOCK_N"], NUM_STAGES=cfg.get("num_stages", 1), num_warps=cfg["num_warps"],
             )  # fmt: skip
-        _reduce_kernel[(2 * channel_blocks + 10,)](
+        wrap(_reduce_kernel)[(2 * channel_blocks + 10,)](
             partials, pointers[3], d_weight, d_bias, d_num, d_den, n_programs,
             C=channels, G=groups, GP=constants["GP"], DEN_ROW_STRIDE=constants["DEN_ROW_STRIDE"],
-            NUM_SHARED=numerator.shape[0] == 1, DEN_SHARED=denominator.shape[0] == 1,
+            NUM_SHARED=constants["NUM_ROW_STRIDE"] == 0, DEN_SHARED=constants["DEN_ROW_STRIDE"] == 0,
             CHANNEL_BLOCKS=channel_blocks, **_REDUCE,
         )  # fmt: skip
     if weight is not None:

@@ -1,10 +1,13 @@
-"""`group_rational`: the GR-KAN activation as a torch.library custom op with backend selection.
+"""`group_rational`: the GR-KAN activation as a torch.library op with backend selection.
 
-Two custom ops, `kat::group_rational_fwd` and `kat::group_rational_bwd`, with fake (meta) implementations and
-an autograd registration: torch.compile(fullgraph=True) traces them as single nodes (no graph breaks). Eager
-calls run the same implementations through an autograd.Function, which costs far less host time than the
-custom-op dispatch (see `_EagerGroupRational`). Either way autocast leaves the op alone, so a bf16 activation
-stays bf16 end to end (no cast kernels, and only x in its own dtype is saved for backward). The backend is a string argument of the op, resolved in Python beforehand:
+Two ops, `kat::group_rational_fwd` and `kat::group_rational_bwd`, with an autograd registration, are what
+torch.compile(fullgraph=True) traces (no graph breaks). Where Triton compiles the kernels they are
+torch.library.triton_ops: the compiler traces into them and launches our kernels from its own generated code,
+as it does its own kernels. Under the Triton interpreter (CPU tests) they are opaque custom ops (see `define_op`).
+Eager calls run the same implementations through an autograd.Function, which costs far less host time than
+the op dispatch (see `_EagerGroupRational`). Either way autocast leaves the op alone, so a bf16 activation
+stays bf16 end to end (no cast kernels, and only x in its own dtype is saved for backward). The backend is a
+string argument of the op, resolved in Python beforehand:
   'triton': kat.rational.kernels (CUDA tensors; CPU tensors run in the Triton interpreter, TRITON_INTERPRET=1)
   'torch':  kat.rational.reference, the same function and gradients in plain PyTorch.
 """
@@ -20,14 +23,34 @@ from kat.rational import reference
 BACKENDS = ("triton", "torch")
 ENV_VAR = "KAT_RATIONAL_BACKEND"
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+if HAS_TRITON:  # kat works where triton is not installed: the 'torch' backend needs none
+    from kat.rational import kernels as _kernels
+
+# Whether torch.compile can trace into the ops: interpreted kernels (TRITON_INTERPRET=1) cannot run on the fake
+# tensors that tracing uses. `WRAP` is what the ops' bodies pass to the kernel wrappers.
+TRACEABLE_KERNELS = HAS_TRITON and not _kernels.INTERPRETED
+WRAP = torch.library.wrap_triton if TRACEABLE_KERNELS else (_kernels.direct if HAS_TRITON else None)
 
 
-def _kernels():
-    # Imported on first use: kat works where triton is not installed (the 'torch' backend needs no triton).
-    from kat.rational import kernels
+def define_op(name: str, fake):
+    """Decorator registering `fn` as the op `name` (no mutated arguments).
 
-    return kernels
+    A torch.library.triton_op where the kernels are compiled: torch.compile then launches them from its
+    generated code instead of calling the op through the dispatcher and our Python wrappers for every call.
+    Measured on an H200 (torch 2.11, bench/bench_train.py --compile on): as opaque custom ops, default-mode
+    torch.compile ran KAT-S at 0.55x ViT-S's images/s (docs/BENCHMARKS.md section 3). Under the interpreter
+    an opaque torch.library.custom_op whose fake (meta) implementation is `fake`.
+    """
+
+    def decorate(fn):
+        if TRACEABLE_KERNELS:
+            return torch.library.triton_op(name, fn, mutates_args=())  # its fake is fn itself, traced
+        op = torch.library.custom_op(name, fn, mutates_args=())
+        op.register_fake(fake)
+        return op
+
+    return decorate
 
 
 def active_backend(x: Tensor, backend: str | None = None) -> str:
@@ -45,8 +68,10 @@ def active_backend(x: Tensor, backend: str | None = None) -> str:
     elif choice not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of None, 'auto', 'triton', 'torch'")
     if choice == "auto":
-        use_triton = _HAS_TRITON and x.is_cuda and x.dtype != torch.float64
+        use_triton = HAS_TRITON and x.is_cuda and x.dtype != torch.float64
         choice = "triton" if use_triton else "torch"
+    elif choice == "triton" and not HAS_TRITON:
+        raise ImportError("the 'triton' backend needs the triton package: pip install triton, or use backend='torch'")
     return choice
 
 
@@ -93,50 +118,56 @@ def _check_inputs(x: Tensor, numerator: Tensor, denominator: Tensor, bias: Tenso
         )
 
 
-def _forward_impl(x: Tensor, numerator: Tensor, denominator: Tensor, bias: Tensor | None, backend: str) -> Tensor:
+def _forward_impl(
+    x: Tensor, numerator: Tensor, denominator: Tensor, bias: Tensor | None, backend: str, wrap=None
+) -> Tensor:
     if backend == "triton":
-        return _kernels().rational_forward(x, numerator, denominator, bias)
+        return _kernels.rational_forward(x, numerator, denominator, bias, wrap=wrap or _kernels.direct)
     return reference.rational_forward(x, numerator, denominator, bias)
 
 
 def _backward_impl(
-    grad_output: Tensor, x: Tensor, numerator: Tensor, denominator: Tensor, bias: Tensor | None, backend: str
+    grad_output: Tensor,
+    x: Tensor,
+    numerator: Tensor,
+    denominator: Tensor,
+    bias: Tensor | None,
+    backend: str,
+    wrap=None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     if backend == "triton":
-        return _kernels().rational_backward(grad_output, x, numerator, denominator, bias)
+        return _kernels.rational_backward(grad_output, x, numerator, denominator, bias, wrap=wrap or _kernels.direct)
     return reference.rational_backward(grad_output, x, numerator, denominator, bias)
 
 
-@torch.library.custom_op("kat::group_rational_fwd", mutates_args=())
-def _group_rational_fwd(
-    x: Tensor, numerator: Tensor, denominator: Tensor, bias: Tensor | None, backend: str
-) -> Tensor:
-    return _forward_impl(x, numerator, denominator, bias, backend)
-
-
-@_group_rational_fwd.register_fake
-def _(x, numerator, denominator, bias, backend):
+def _fwd_fake(x, numerator, denominator, bias, backend):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("kat::group_rational_bwd", mutates_args=())
-def _group_rational_bwd(
-    grad_output: Tensor, x: Tensor, numerator: Tensor, denominator: Tensor, bias: Tensor | None, backend: str
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, d numerator, d denominator, d bias); d bias is an empty tensor without a bias (custom ops
-    cannot return None)."""
-    dx, d_num, d_den, d_bias = _backward_impl(grad_output, x, numerator, denominator, bias, backend)
-    return dx, d_num, d_den, x.new_empty(0) if d_bias is None else d_bias
+@define_op("kat::group_rational_fwd", _fwd_fake)
+def _group_rational_fwd(
+    x: Tensor, numerator: Tensor, denominator: Tensor, bias: Tensor | None, backend: str
+) -> Tensor:
+    return _forward_impl(x, numerator, denominator, bias, backend, WRAP)
 
 
-@_group_rational_bwd.register_fake
-def _(grad_output, x, numerator, denominator, bias, backend):
+def _bwd_fake(grad_output, x, numerator, denominator, bias, backend):
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
         torch.empty_like(numerator, memory_format=torch.contiguous_format),
         torch.empty_like(denominator, memory_format=torch.contiguous_format),
         x.new_empty(0) if bias is None else torch.empty_like(bias, memory_format=torch.contiguous_format),
     )
+
+
+@define_op("kat::group_rational_bwd", _bwd_fake)
+def _group_rational_bwd(
+    grad_output: Tensor, x: Tensor, numerator: Tensor, denominator: Tensor, bias: Tensor | None, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, d numerator, d denominator, d bias); d bias is an empty tensor without a bias (ops cannot return
+    None)."""
+    dx, d_num, d_den, d_bias = _backward_impl(grad_output, x, numerator, denominator, bias, backend, WRAP)
+    return dx, d_num, d_den, x.new_empty(0) if d_bias is None else d_bias
 
 
 def _setup_context(ctx, inputs, output):

@@ -647,7 +647,12 @@ class Trainer:
                 # mixed-precision policy, which we keep at fp32: fsdp.fsdp_plugin says why)
                 with accelerator.autocast() if self.fsdp else nullcontext():
                     loss = self.train_loss_fn(self.model(images), targets)
-                accelerator.backward(loss / cfg.grad_accum_steps)
+                # On the calling thread, not autograd's per-device worker: each Python autograd.Function in
+                # the backward (two GR-KAN ops per block) otherwise costs a thread hand-off; measured on an
+                # H200, eager KAT-S issued its step in 25.8 ms instead of 36.8 (docs/BENCHMARKS.md section 3).
+                # PyTorch is moving to this default (pytorch#192082); torchtitan sets it too.
+                with torch.autograd.set_multithreading_enabled(False):
+                    accelerator.backward(loss / cfg.grad_accum_steps)
             step_loss += loss.detach() / cfg.grad_accum_steps
         grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), cfg.clip_grad or math.inf)
         if isinstance(grad_norm, DTensor):  # FSDP: the norm of sharded gradients, replicated
