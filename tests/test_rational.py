@@ -298,6 +298,10 @@ def test_triton_backend_errors(monkeypatch):
         group_rational(torch.zeros(2, 8), numerator, denominator, backend="triton")
     with pytest.raises(ValueError, match="channels=10 is not divisible by groups=4"):
         GroupRational(10, groups=4)
+    monkeypatch.setattr(rational_op, "HAS_TRITON", False)  # as if triton was not installed
+    with pytest.raises(ImportError, match="pip install triton, or use backend='torch'"):
+        group_rational(torch.zeros(2, 8), numerator, denominator, backend="triton")
+    assert active_backend(torch.zeros(2, 8, device="meta")) == "torch"
 
 
 # On CUDA with compiled kernels the ops are torch.library.triton_ops (kat.rational.op.define_op), on the CPU
