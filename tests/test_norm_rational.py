@@ -4,6 +4,7 @@ determinism, autocast output dtype, saved tensors, the custom ops and input erro
 
 import pytest
 import torch
+from devices import CUDA_TRITON_OPS
 from rounding import assert_rounded_close, relative_error
 
 from kat.rational import kernels as rational_kernels
@@ -243,20 +244,6 @@ def test_reference_gradcheck_fp64():
         assert torch.autograd.gradcheck(
             lambda x, w, b, n, d: layer_norm_rational(x, w, b, 1e-5, n, d, backend="torch"), inputs
         )
-
-
-# On CUDA with compiled kernels the ops are torch.library.triton_ops (kat.rational.op.define_op), on the CPU
-# (interpreter) opaque custom ops: opcheck covers both registrations.
-CUDA_TRITON_OPS = pytest.param(
-    "cuda",
-    marks=[
-        pytest.mark.gpu,
-        pytest.mark.skipif(
-            not torch.cuda.is_available() or rational_kernels.INTERPRETED,
-            reason="needs a CUDA device and TRITON_INTERPRET=0",
-        ),
-    ],
-)
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA_TRITON_OPS])

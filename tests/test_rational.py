@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from devices import CUDA_TRITON_OPS
 from rounding import assert_rounded_close, relative_error
 
 from kat.rational import GroupRational, active_backend, group_rational
@@ -302,20 +303,6 @@ def test_triton_backend_errors(monkeypatch):
     with pytest.raises(ImportError, match="pip install triton, or use backend='torch'"):
         group_rational(torch.zeros(2, 8), numerator, denominator, backend="triton")
     assert active_backend(torch.zeros(2, 8, device="meta")) == "torch"
-
-
-# On CUDA with compiled kernels the ops are torch.library.triton_ops (kat.rational.op.define_op), on the CPU
-# (interpreter) opaque custom ops: opcheck covers both registrations.
-CUDA_TRITON_OPS = pytest.param(
-    "cuda",
-    marks=[
-        pytest.mark.gpu,
-        pytest.mark.skipif(
-            not torch.cuda.is_available() or rational_kernels.INTERPRETED,
-            reason="needs a CUDA device and TRITON_INTERPRET=0",
-        ),
-    ],
-)
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA_TRITON_OPS])

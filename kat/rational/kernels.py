@@ -387,7 +387,8 @@ def rational_forward(
     config: dict | None = None,
     wrap=direct,
 ) -> Tensor:
-    """y = F(x + bias) (x's shape and dtype, contiguous). `config` overrides `forward_config` (benchmarks)."""
+    """y = F(x + bias) (x's shape and dtype, contiguous). `config` overrides `forward_config` (benchmarks);
+    `wrap`: see `direct`."""
     _check_runnable(x)
     x = x.contiguous()  # read as [N, C] row-major
     y = torch.empty_like(x)
@@ -416,7 +417,7 @@ def rational_backward(
     wrap=direct,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(dx in x's dtype, d numerator, d denominator, d bias (None without a bias) in the parameters' dtypes);
-    deterministic. x is the input before the bias is added."""
+    deterministic. x is the input before the bias is added; `wrap`: see `direct`."""
     _check_runnable(x)
     groups = coefficient_groups(numerator, denominator)
     channels = int(x.shape[-1])

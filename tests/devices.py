@@ -1,0 +1,19 @@
+"""Device parameters shared by the GR-KAN op tests."""
+
+import pytest
+import torch
+
+from kat.rational import kernels
+
+# With compiled kernels on CUDA the GR-KAN ops are torch.library.triton_ops (kat.rational.op.define_op), on
+# the CPU (interpreter) opaque custom ops: a test parametrised over ["cpu", CUDA_TRITON_OPS] covers both.
+CUDA_TRITON_OPS = pytest.param(
+    "cuda",
+    marks=[
+        pytest.mark.gpu,
+        pytest.mark.skipif(
+            not torch.cuda.is_available() or kernels.INTERPRETED,
+            reason="needs a CUDA device and TRITON_INTERPRET=0",
+        ),
+    ],
+)
