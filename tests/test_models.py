@@ -335,7 +335,7 @@ def test_checkpoint_files_are_loaded_without_running_pickled_code(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_torch_compile_launches_our_kernels_cuda():
+def test_torch_compile_launches_our_kernels_cuda(monkeypatch):
     """On CUDA the GR-KAN ops are triton_ops: inductor's code for a forward + backward launches our Triton
     kernels itself (no kat op called through the dispatcher and our Python wrappers at run time) and
     matches eager in loss and gradients."""
@@ -345,6 +345,11 @@ def test_torch_compile_launches_our_kernels_cuda():
 
     if kernels.INTERPRETED:
         pytest.skip("TRITON_INTERPRET=1: run with TRITON_INTERPRET=0 to test the compiled kernels")
+    # cuDNN convolutions run in TF32 by default, in algorithms that differ between eager and compiled: 4e-4
+    # norm-wise apart on the patch embedding's weight gradient. Without TF32 every gradient agreed to 4e-6
+    # (three seeds on an H200).
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.manual_seed(0)
     model = tiny(num_classes=10).cuda().eval()  # eval: no drop-path draws to differ between the two runs
     x = images().cuda()
 
@@ -362,8 +367,12 @@ def test_torch_compile_launches_our_kernels_cuda():
                    "_forward_kernel", "_backward_kernel", "_reduce_kernel"):  # act2 (+ fc1 bias), norm2 -> act1
         assert re.search(rf"def {kernel}(_\d+)?\(", code), kernel  # inductor may number user kernels
     torch.testing.assert_close(compiled_loss, loss, rtol=1e-4, atol=1e-6)
-    for a, b in zip(compiled_grads, grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # Norm-wise per parameter: inductor sums in other orders, and a coefficient gradient is a sum whose terms
+    # cancel, so single entries carry fp32 rounding of the terms' size, not of their result.
+    errors = {name: ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+              for (name, _), a, b in zip(model.named_parameters(), compiled_grads, grads)}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= 2e-5, (worst, errors[worst])
 
 
 @pytest.mark.slow
