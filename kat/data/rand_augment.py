@@ -28,7 +28,6 @@ Not implemented (the config parser rejects them): timm's weighted op choice ('t'
 """
 
 import functools
-import importlib.util
 import math
 import random
 import re
@@ -37,7 +36,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
+from kat.rational.op import HAS_TRITON
+
 _LEVEL_DENOM = 10.0  # timm: magnitude 10 is an op's full strength
 
 RAND_TRANSFORMS = (
@@ -429,7 +429,7 @@ def _affine(images: torch.Tensor, matrix: torch.Tensor, fill: tuple, interpolati
     image, are weighted by the kernel at point - 0.5 - floor(point - 0.5); the value is truncated to uint8.
     """
     n, c, h, w = images.shape
-    if images.is_cuda and _HAS_TRITON:
+    if images.is_cuda and HAS_TRITON:
         return _affine_triton(images, matrix, fill, interpolation)
     centres, size, last, taps, powers, coefficients, fill = _sampling_constants(
         h, w, interpolation, fill, images.device
@@ -454,16 +454,14 @@ def _affine(images: torch.Tensor, matrix: torch.Tensor, fill: tuple, interpolati
 def _affine_triton(images: torch.Tensor, matrix: torch.Tensor, fill: tuple, interpolation: str) -> torch.Tensor:
     """_affine in one kernel launch: no [n, H, W, taps] intermediates (the torch version allocates 52 MB of them
     per 224 x 224 image, bicubic, whose memory traffic on the GPU competes with the training step)."""
-    import triton
-
     from kat.data import kernels
-    from kat.rational.kernels import device_guard
+    from kat.rational.kernels import cdiv, device_guard
 
     n, c, h, w = images.shape
     images = images.contiguous()
     out = torch.empty_like(images)
     fill = _sampling_constants(h, w, interpolation, fill, images.device)[-1].view(3)
-    grid = (triton.cdiv(h * w, _AFFINE_BLOCK), n)
+    grid = (cdiv(h * w, _AFFINE_BLOCK), n)
     with device_guard(images.device):
         kernels._affine_kernel[grid](
             images, matrix.to(torch.float64).contiguous(), fill, out, h, w, _TRUNCATE_SLACK,

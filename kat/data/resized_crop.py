@@ -11,13 +11,12 @@ Pillow's order (`pil_runs_vertical_first`). Two implementations:
           (TRITON_INTERPRET=1) and check both against PIL.
 """
 
-import importlib.util
-
 import PIL
 import torch
 
+from kat.rational.op import HAS_TRITON
+
 INTERPOLATIONS = ("bilinear", "bicubic")
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
 _PILLOW_MAJOR = int(PIL.__version__.split(".")[0])
 
 
@@ -31,7 +30,7 @@ def resized_crops(
     if not len(images) == len(boxes) == len(flips):
         raise ValueError(f"{len(images)} images, {len(boxes)} boxes and {len(flips)} flips: give one of each per image")
     device = images[0].device
-    if device.type == "cuda" and _HAS_TRITON:
+    if device.type == "cuda" and HAS_TRITON:
         return _resized_crops_triton(images, boxes, flips, size, interpolation)
     batch = _resized_crops_torch(images, boxes, size, interpolation)
     flip = flips.view(-1, 1, 1, 1).to(device, non_blocking=True)
@@ -42,7 +41,7 @@ def _resized_crops_triton(images, boxes, flips, size, interpolation) -> torch.Te
     import triton
 
     from kat.data import kernels
-    from kat.rational.kernels import device_guard
+    from kat.rational.kernels import cdiv, device_guard
 
     out_h, out_w = size
     device = images[0].device
@@ -73,9 +72,9 @@ def _resized_crops_triton(images, boxes, flips, size, interpolation) -> torch.Te
         "enable_fp_fusion": False,  # PIL's float64 weights to the last bit: no fused multiply-adds
     }
     with device_guard(device):
-        grid = (triton.cdiv(int(first_rows.max()), kernels.BLOCK_R), len(images), 3)
+        grid = (cdiv(int(first_rows.max()), kernels.BLOCK_R), len(images), 3)
         kernels._first_pass_kernel[grid](addresses, meta, buffer, out_h, out_w, **constants)
-        grid = (triton.cdiv(out_h, kernels.BLOCK_R), len(images), 3)
+        grid = (cdiv(out_h, kernels.BLOCK_R), len(images), 3)
         kernels._second_pass_kernel[grid](buffer, meta, batch, out_h, out_w, **constants)
     return batch
 

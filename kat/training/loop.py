@@ -649,7 +649,7 @@ class Trainer:
                     loss = self.train_loss_fn(self.model(images), targets)
                 # On the calling thread, not autograd's per-device worker: each Python autograd.Function in
                 # the backward (two GR-KAN ops per block) otherwise costs a thread hand-off; measured on an
-                # H200, eager KAT-S issued its step in 25.8 ms instead of 36.8 (docs/BENCHMARKS.md section 3).
+                # H200, eager KAT-S issued its step in 25.8 ms instead of 36.8 (docs/BENCHMARKS.md section 1).
                 # PyTorch is moving to this default (pytorch#192082); torchtitan sets it too.
                 with torch.autograd.set_multithreading_enabled(False):
                     accelerator.backward(loss / cfg.grad_accum_steps)
