@@ -4,9 +4,9 @@ Why: on the loader's CPUs, decoding a JPEG and running RandomResizedCrop + RandA
 per image per core, so the 16 cores of our H200 host feed 2,300-3,500 images/s, a third to a half of what KAT-S
 trains at with CUDA graphs (docs/BENCHMARKS.md section 4). With this option the workers only read each file
 and draw its random parameters; the training process decodes the batch with nvJPEG and crops, flips and
-RandAugments it on the GPU (kat.data.DeviceLoader runs this on a background thread and a side stream): 11-13 ms
-of one host thread per batch of 128 there, so the pipeline alone delivers 7,000-10,000 images/s from 8 workers
-on our H200 hosts.
+RandAugments it on the GPU (kat.data.DeviceLoader runs this on a background thread and a side stream): ~8 ms
+of one host thread per batch of 128 there (most of it nvJPEG's decoding), so the pipeline alone delivers
+14,000-16,000 images/s from 8 workers on our H200 hosts.
 
   worker:  file bytes + (crop box, flip, RandAugment draws), drawn with timm's own samplers from the header size
   device:  decode_jpeg(batch) -> crop + PIL's resize + flip (kat.data.resized_crop) -> BatchRandAugment -> uint8

@@ -1,12 +1,17 @@
-"""timm's RandAugment ('rand-m9-mstd0.5', ...) on uint8 image batches with tensor ops, on any device.
+"""timm's RandAugment ('rand-m9-mstd0.5', ...) on uint8 image batches, on any device.
 
-Why: RandAugment on PIL is a large part of a loader worker's per-image cost; on the GPU a batch of 128 cost
-~250 kernel launches with every op as tensor ops; on CUDA the geometric ops' affine warp is now one Triton
-kernel (kat.data.kernels). The policy is split in two so that the random draws stay where timm makes them:
+Why: RandAugment on PIL is a large part of a loader worker's per-image cost. On the GPU as tensor ops, a batch
+of 128 took 5-8 ms of host time (~100 copies and ~240 dtype conversions, most of them of small host tensors),
+which bound the device_augment thread; on CUDA each layer is now one Triton kernel (kat.data.kernels,
+`apply_kernels`): 1.4 ms (docs/BENCHMARKS.md section 4).
+The policy is split in two so that the random draws stay where timm makes them:
   - `sample()` runs in a loader worker, once per image, and draws what timm's RandAugment draws per image
     (op, probability skip, magnitude noise, sign) from Python's `random`;
-  - `__call__(images, params)` applies those draws to a batch: per layer, the images are grouped by the
-    family of the op they drew, and each family is one batched computation (never a Python loop over images).
+  - `__call__(images, params)` applies those draws to a batch: per layer, the draws become per-image op
+    arguments on the host (`arguments`: op kind, factor, affine matrix, lookup table), then either one kernel
+    applies each image's op (CUDA), or the images are grouped by the family of their op and each family is
+    one batched computation of tensor ops (elsewhere; never a Python loop over images). The tensor ops are
+    the reference that the tests compare with timm, and the kernels with them.
 
 Ops reproduce PIL's arithmetic (timm applies them with PIL), so outputs equal timm's:
   - lookup-table ops (AutoContrast, Equalize, Invert, Posterize, Solarize, SolarizeAdd): PIL's tables, from
@@ -27,12 +32,15 @@ Not implemented (the config parser rejects them): timm's weighted op choice ('t'
 'random' interpolation.
 """
 
+import enum
 import functools
 import math
 import random
 import re
 from collections.abc import Sequence
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -86,24 +94,56 @@ NEGATED = {
     "BrightnessIncreasing",
     "SharpnessIncreasing",
 }
-_HISTOGRAM_OPS = ("AutoContrast", "Equalize")
-# The op families: each is one batched computation per layer, over the images that drew one of its ops.
-_LUT_OPS = {
-    *_HISTOGRAM_OPS,
-    "Invert",
-    "Posterize",
-    "PosterizeIncreasing",
-    "Solarize",
-    "SolarizeIncreasing",
-    "SolarizeAdd",
-}
-_ENHANCE_OPS = {
-    kind + suffix
-    for kind in ("Color", "Contrast", "Brightness", "Sharpness")
-    for suffix in ("", "Increasing")
-}
-_GEOMETRIC_OPS = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}
-_FAMILIES = (_LUT_OPS, _ENHANCE_OPS, _GEOMETRIC_OPS)
+
+
+class Kind(enum.IntEnum):
+    """What an image's op does, per layer: the torch version batches each family (LUT..EQUALIZE,
+    COLOR..SHARPNESS, AFFINE) into one computation; the CUDA kernel branches on it per image."""
+
+    IDENTITY = 0  # the layer skipped this image
+    LUT = 1  # a table of the op's argument: Invert, Posterize, Solarize, SolarizeAdd
+    AUTOCONTRAST = 2  # tables from the image's histograms
+    EQUALIZE = 3
+    COLOR = 4  # blends with a degenerate image
+    CONTRAST = 5
+    BRIGHTNESS = 6
+    SHARPNESS = 7
+    AFFINE = 8  # Rotate, ShearX/Y, TranslateX/YRel
+
+
+def _kind(name: str) -> Kind:
+    """The kind of an op of RAND_TRANSFORMS / RAND_INCREASING_TRANSFORMS."""
+    if name in ("AutoContrast", "Equalize"):
+        return Kind[name.upper()]
+    if name in ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"):
+        return Kind.AFFINE
+    base = name.removesuffix("Increasing")
+    if base in ("Color", "Contrast", "Brightness", "Sharpness"):
+        return Kind[base.upper()]
+    return Kind.LUT
+
+
+_FAMILIES = (
+    (Kind.LUT, Kind.AUTOCONTRAST, Kind.EQUALIZE),
+    (Kind.COLOR, Kind.CONTRAST, Kind.BRIGHTNESS, Kind.SHARPNESS),
+    (Kind.AFFINE,),
+)
+
+
+class LayerArguments(NamedTuple):
+    """One layer's ops as per-image arguments, computed on the host from the draws: kind [B] int64, factor [B]
+    float32 (blends), matrix [B, 6] float64 (affine: output pixel centre -> input point), lut [B, 256] uint8
+    (Kind.LUT's table)."""
+
+    kind: torch.Tensor
+    factor: torch.Tensor
+    matrix: torch.Tensor
+    lut: torch.Tensor
+
+    def packed(self) -> torch.Tensor:
+        """float64 [B, 8]: kind, factor, matrix (the kernels' argument rows; float32 factors are exact)."""
+        return torch.cat([self.kind[:, None].double(), self.factor[:, None].double(), self.matrix], 1)
+
 
 # Config keys: name -> (parser, description). Longest first: 'mstd' and 'mmax' also start with 'm'.
 _KEYS = {
@@ -151,10 +191,7 @@ class BatchRandAugment:
         self.img_mean = tuple(int(v) for v in img_mean)
         self.interpolation = interpolation
         self.translate_pct = float(translate_pct)
-        # family index of each op, shifted by one so that a skipped layer (op -1) maps to -1
-        self._family = torch.tensor(
-            [-1] + [next(i for i, f in enumerate(_FAMILIES) if op in f) for op in self.ops]
-        )
+        self._kinds = np.array([Kind.IDENTITY] + [_kind(name) for name in self.ops])  # by op index + 1 (skip: -1)
 
     def __repr__(self) -> str:
         return (
@@ -187,24 +224,57 @@ class BatchRandAugment:
     def __call__(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """Augment uint8 [B, 3, H, W] `images` with `params` [B, num_layers, 3] (rows of sample()).
 
-        The op arguments and the grouping are computed on the host, so params on the GPU cost one copy to the
-        host (a sync); pass them on the CPU to avoid it.
+        The op arguments are computed on the host, so params on the GPU cost one copy to the host (a sync);
+        pass them on the CPU to avoid it. On CUDA each layer is one Triton kernel (kat.data.kernels), plus two
+        small ones when an image needs its histograms or grayscale mean; elsewhere batched tensor ops.
         """
         host = self._check(images, params)
+        layers = [self.arguments(host[:, layer], *images.shape[2:]) for layer in range(self.num_layers)]
+        if images.is_cuda and HAS_TRITON:
+            return apply_kernels(images, layers, self.img_mean, self.interpolation)
         out = images.clone()
-        for layer in range(self.num_layers):
-            op = host[:, layer, 0].long()
-            family = self._family[op + 1]
-            for i, apply in enumerate((self._lut, self._enhance, self._geometric)):
-                rows = (family == i).nonzero().squeeze(1)
+        for arguments in layers:
+            for family, apply in zip(_FAMILIES, (self._lut, self._enhance, self._geometric)):
+                rows = torch.isin(arguments.kind, torch.tensor(family)).nonzero().squeeze(1)
                 if len(rows) == 0:
                     continue
                 index = rows.to(out.device, non_blocking=True)
-                result = apply(
-                    out.index_select(0, index), op[rows], host[rows, layer, 1], host[rows, layer, 2]
-                )
+                result = apply(out.index_select(0, index), LayerArguments(*(a[rows] for a in arguments)))
                 out.index_copy_(0, index, result)
         return out
+
+    def arguments(self, draws: torch.Tensor, height: int, width: int) -> LayerArguments:
+        """One layer's draws [B, 3] (op, magnitude, sign; float64 on the host) as per-image op arguments for
+        images of height x width, with timm's level_to_arg arithmetic in float64, as Python computes it. In
+        numpy: as torch ops on the CPU this took ~3 ms per batch of 128, a third of the augmentation's host time."""
+        draws = draws.numpy()
+        op, level, sign = draws[:, 0].astype(np.int64), draws[:, 1], draws[:, 2]
+        frac = level / _LEVEL_DENOM
+        n = len(op)
+        kind = self._kinds[op + 1]
+        factor = np.ones(n)
+        matrix = np.tile(np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]), (n, 1))
+        lut = np.tile(np.arange(256), (n, 1))
+        for k in np.unique(op[op >= 0]).tolist():
+            name, rows = self.ops[k], op == k
+            f, s = frac[rows], sign[rows]
+            if _kind(name) == Kind.LUT:
+                lut[rows] = _pointwise_lut(name, f[:, None])
+            elif Kind.COLOR <= _kind(name) <= Kind.SHARPNESS:  # PIL's ImageEnhance factor
+                factor[rows] = np.maximum(1.0 + s * (f * 0.9), 0.1) if name.endswith("Increasing") else f * 1.8 + 0.1
+            elif name == "Rotate":
+                matrix[rows] = [_rotation(degrees, width, height) for degrees in (f * 30.0 * s).tolist()]
+            elif name in ("ShearX", "ShearY"):
+                matrix[rows, 1 if name == "ShearX" else 3] = f * 0.3 * s
+            elif name in ("TranslateXRel", "TranslateYRel"):  # a fraction of the width / height, in pixels
+                horizontal = name == "TranslateXRel"
+                matrix[rows, 2 if horizontal else 5] = f * self.translate_pct * s * (width if horizontal else height)
+        return LayerArguments(
+            torch.from_numpy(kind),
+            torch.from_numpy(factor.astype(np.float32)),
+            torch.from_numpy(matrix),
+            torch.from_numpy(lut.astype(np.uint8)),
+        )
 
     def _check(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """params as float64 on the host, after checking both arguments."""
@@ -231,84 +301,52 @@ class BatchRandAugment:
             )
         return host
 
-    def _names(self, op: torch.Tensor):
-        """(name, host mask of the rows with that op) for each op kind present."""
-        for k in op.unique().tolist():
-            yield self.ops[k], op == k
-
-    def _lut(self, images, op, level, sign) -> torch.Tensor:
-        """Lookup-table ops: Invert, Posterize, Solarize, SolarizeAdd from the arguments (on the host),
-        AutoContrast and Equalize from each image's histograms (on the device)."""
-        ramp = torch.arange(256)
-        lut = ramp.repeat(len(op), 1)
-        histogram_ops = {}
-        for name, rows in self._names(op):
-            if name in _HISTOGRAM_OPS:
-                histogram_ops[name] = rows
-            else:
-                lut[rows] = _pointwise_lut(name, level[rows, None], ramp)
+    def _lut(self, images, arguments: LayerArguments) -> torch.Tensor:
+        """Lookup-table ops: the tables of the op's argument, and AutoContrast's and Equalize's from each
+        image's histograms (on the device)."""
         device = images.device
-        lut = lut.to(torch.uint8).to(device, non_blocking=True)[:, None].expand(-1, 3, -1)
-        if histogram_ops:
-            autocontrast, equalize = _histogram_luts(images, tuple(histogram_ops))
-            for name, table in (("AutoContrast", autocontrast), ("Equalize", equalize)):
-                if name in histogram_ops:
-                    rows = histogram_ops[name].to(device, non_blocking=True).view(-1, 1, 1)
-                    lut = torch.where(rows, table, lut)
+        lut = arguments.lut.to(device, non_blocking=True)[:, None].expand(-1, 3, -1)
+        kind = arguments.kind
+        if (kind == Kind.AUTOCONTRAST).any() or (kind == Kind.EQUALIZE).any():
+            histogram = _histograms(images)
+            for k, tables in ((Kind.AUTOCONTRAST, _autocontrast_luts), (Kind.EQUALIZE, _equalize_luts)):
+                if (kind == k).any():
+                    rows = (kind == k).to(device, non_blocking=True).view(-1, 1, 1)
+                    lut = torch.where(rows, tables(histogram), lut)
         n, c, h, w = images.shape
         return lut.gather(2, images.reshape(n, c, h * w).long()).view(n, c, h, w)
 
-    def _enhance(self, images, op, level, sign) -> torch.Tensor:
+    def _enhance(self, images, arguments: LayerArguments) -> torch.Tensor:
         """PIL's ImageEnhance: blend(degenerate, image, factor) = degenerate + factor * (image - degenerate),
         in float32, truncated to uint8 (clipped first when extrapolating)."""
-        factor = torch.empty(len(op), dtype=torch.float64)
-        kinds = {}  # degenerate kind -> host mask of its rows; Brightness' degenerate (black) is the default
-        for name, rows in self._names(op):
-            frac = level[rows] / _LEVEL_DENOM
-            if name.endswith("Increasing"):
-                factor[rows] = (1.0 + sign[rows] * (frac * 0.9)).clamp(min=0.1)
-            else:
-                factor[rows] = frac * 1.8 + 0.1
-            kinds[name.removesuffix("Increasing")] = rows
         device = images.device
         x = images.float()
-        degenerate = torch.zeros_like(x)
-        if "Color" in kinds or "Contrast" in kinds:
+        degenerate = torch.zeros_like(x)  # Brightness' degenerate: black
+        kinds = set(arguments.kind.tolist())
+        if Kind.COLOR in kinds or Kind.CONTRAST in kinds:
             weights = torch.tensor(_L24, dtype=torch.int32, device=device).view(1, 3, 1, 1)
             gray = ((images.int() * weights).sum(1, keepdim=True) + 0x8000) >> 16
-        for kind, rows in kinds.items():
-            if kind == "Color":
+        for kind in kinds:
+            if kind == Kind.COLOR:
                 value = gray.float()
-            elif kind == "Contrast":  # PIL: int(mean + 0.5) of the grayscale
+            elif kind == Kind.CONTRAST:  # PIL: int(mean + 0.5) of the grayscale
                 total, count = gray.sum((2, 3), keepdim=True), gray.shape[2] * gray.shape[3]
                 value = torch.div(2 * total + count, 2 * count, rounding_mode="floor").float()
-            elif kind == "Sharpness":
+            elif kind == Kind.SHARPNESS:
                 value = _smooth(x)
             else:
                 continue
-            degenerate = torch.where(rows.to(device, non_blocking=True).view(-1, 1, 1, 1), value, degenerate)
-        factor = factor.float().to(device, non_blocking=True).view(-1, 1, 1, 1)
+            rows = (arguments.kind == kind).to(device, non_blocking=True).view(-1, 1, 1, 1)
+            degenerate = torch.where(rows, value, degenerate)
+        factor = arguments.factor.to(device, non_blocking=True).view(-1, 1, 1, 1)
         # PIL's operation order, each step rounded to float32
         blended = degenerate + factor * (x - degenerate)
         return blended.clamp_(0, 255).to(torch.uint8)
 
-    def _geometric(self, images, op, level, sign) -> torch.Tensor:
+    def _geometric(self, images, arguments: LayerArguments) -> torch.Tensor:
         """PIL's Image.transform(AFFINE) with per-image matrices (output pixel centre -> input point)."""
-        n, _, h, w = images.shape
-        matrix = torch.zeros(n, 6, dtype=torch.float64)
-        matrix[:, 0] = matrix[:, 4] = 1.0
-        for name, rows in self._names(op):
-            frac = level[rows] / _LEVEL_DENOM
-            if name == "Rotate":
-                matrix[rows] = _rotation(frac * 30.0 * sign[rows], w, h)
-            elif name in ("ShearX", "ShearY"):
-                matrix[rows, 1 if name == "ShearX" else 3] = frac * 0.3 * sign[rows]
-            else:  # TranslateXRel, TranslateYRel: a fraction of the width / height, in pixels
-                pct = frac * self.translate_pct * sign[rows]
-                matrix[rows, 2 if name == "TranslateXRel" else 5] = pct * (
-                    w if name == "TranslateXRel" else h
-                )
-        return _affine(images, matrix.to(images.device, non_blocking=True), self.img_mean, self.interpolation)
+        matrix = arguments.matrix.to(images.device, non_blocking=True)
+        return _affine(images, matrix, self.img_mean, self.interpolation)
 
 
 def _parse_config(config_str: str) -> dict:
@@ -348,52 +386,61 @@ def _parse_config(config_str: str) -> dict:
     return settings
 
 
-def _pointwise_lut(name: str, level: torch.Tensor, ramp: torch.Tensor) -> torch.Tensor:
-    """[n, 256] tables of the ops that do not look at the image, from level [n, 1] (timm's level_to_arg)."""
-    frac = level / _LEVEL_DENOM
+def _pointwise_lut(name: str, frac: np.ndarray) -> np.ndarray:
+    """[n, 256] tables of the ops that do not look at the image, from frac = level / 10 [n, 1] (timm's
+    level_to_arg)."""
+    ramp = np.arange(256)
     if name == "Invert":
-        return (255 - ramp).expand(len(level), -1)
+        return np.broadcast_to(255 - ramp, (len(frac), 256))
     if name.startswith("Posterize"):  # keep `bits` high bits; timm leaves the image as is from 8 bits
-        bits = torch.trunc(frac * 4)
+        bits = np.trunc(frac * 4)
         if name == "PosterizeIncreasing":
             bits = 4 - bits
-        shift = (8 - bits).clamp(0, 8).long()
+        shift = np.clip(8 - bits, 0, 8).astype(np.int64)
         return ramp >> shift << shift
     if name == "SolarizeAdd":  # add to the pixels below 128, saturating
-        add = torch.trunc(frac * 110).clamp(max=128).long()
-        return torch.where(ramp < 128, (ramp + add).clamp(max=255), ramp)
-    threshold = torch.trunc(frac * 256).clamp(max=256)  # Solarize: invert the pixels >= threshold
+        add = np.minimum(np.trunc(frac * 110), 128).astype(np.int64)
+        return np.where(ramp < 128, np.minimum(ramp + add, 255), ramp)
+    threshold = np.minimum(np.trunc(frac * 256), 256)  # Solarize: invert the pixels >= threshold
     if name == "SolarizeIncreasing":
         threshold = 256 - threshold
-    return torch.where(ramp < threshold, ramp, 255 - ramp)
+    return np.where(ramp < threshold, ramp, 255 - ramp)
 
 
-def _histogram_luts(images: torch.Tensor, names) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """PIL's ImageOps.autocontrast / equalize tables, uint8 [n, 3, 256], from per-image, per-channel
-    histograms (one scatter_add over an index offset by 256 per channel: bincount would sync on CUDA)."""
+def _histograms(images: torch.Tensor) -> torch.Tensor:
+    """Per-image, per-channel histograms, int64 [n, 3, 256] (one scatter_add over an index offset by 256 per
+    channel: bincount would sync on CUDA)."""
     n = images.shape[0]
     device = images.device
     index = images.reshape(n * 3, -1).long() + torch.arange(0, n * 3 * 256, 256, device=device)[:, None]
     ones = torch.ones(1, dtype=torch.long, device=device).expand(index.numel())
-    hist = torch.zeros(n * 3 * 256, dtype=torch.long, device=device).scatter_add_(0, index.view(-1), ones)
-    hist = hist.view(n, 3, 256)
-    ramp = torch.arange(256, device=device)
-    present = hist > 0
+    histogram = torch.zeros(n * 3 * 256, dtype=torch.long, device=device).scatter_add_(0, index.view(-1), ones)
+    return histogram.view(n, 3, 256)
+
+
+def _autocontrast_luts(histogram: torch.Tensor) -> torch.Tensor:
+    """PIL's ImageOps.autocontrast tables, uint8 [n, 3, 256]: [low, high] stretched to [0, 255]; identity when
+    the channel has one value."""
+    ramp = torch.arange(256, device=histogram.device)
+    present = histogram > 0
     high = torch.where(present, ramp, -1).amax(-1, keepdim=True)  # the last non-empty bin
-    autocontrast = equalize = None
-    if "AutoContrast" in names:  # stretch [low, high] to [0, 255]; identity when one value
-        low = torch.where(present, ramp, 256).amin(-1, keepdim=True)
-        span = (high - low).clamp(min=1).double()
-        # not 255.0 / span, which torch computes as 255 * (1 / span), an ulp away from Python's quotient
-        scale = torch.full_like(span, 255.0) / span
-        table = (ramp * scale + (-low * scale)).trunc().clamp(0, 255)
-        autocontrast = torch.where(high > low, table, ramp).to(torch.uint8)
-    if "Equalize" in names:  # PIL: step from the histogram less its last non-empty bin
-        step = (hist.sum(-1, keepdim=True) - hist.gather(-1, high)) // 255
-        table = (step // 2 + hist.cumsum(-1) - hist) // step.clamp(min=1)
-        usable = (present.sum(-1, keepdim=True) > 1) & (step > 0)
-        equalize = torch.where(usable, table.clamp(max=255), ramp).to(torch.uint8)
-    return autocontrast, equalize
+    low = torch.where(present, ramp, 256).amin(-1, keepdim=True)
+    span = (high - low).clamp(min=1).double()
+    # not 255.0 / span, which torch computes as 255 * (1 / span), an ulp away from Python's quotient
+    scale = torch.full_like(span, 255.0) / span
+    table = (ramp * scale + (-low * scale)).trunc().clamp(0, 255)
+    return torch.where(high > low, table, ramp).to(torch.uint8)
+
+
+def _equalize_luts(histogram: torch.Tensor) -> torch.Tensor:
+    """PIL's ImageOps.equalize tables, uint8 [n, 3, 256]: steps from the histogram less its last non-empty bin."""
+    ramp = torch.arange(256, device=histogram.device)
+    present = histogram > 0
+    high = torch.where(present, ramp, -1).amax(-1, keepdim=True)
+    step = (histogram.sum(-1, keepdim=True) - histogram.gather(-1, high)) // 255
+    table = (step // 2 + histogram.cumsum(-1) - histogram) // step.clamp(min=1)
+    usable = (present.sum(-1, keepdim=True) > 1) & (step > 0)
+    return torch.where(usable, table.clamp(max=255), ramp).to(torch.uint8)
 
 
 def _smooth(x: torch.Tensor) -> torch.Tensor:
@@ -409,28 +456,24 @@ def _smooth(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _rotation(degrees: torch.Tensor, w: int, h: int) -> torch.Tensor:
-    """PIL's Image.rotate(degrees) matrices [n, 6] about the image centre (cos/sin rounded to 15 decimals as
-    PIL does; torch's rounding can differ from Python's by an ulp)."""
-    angle = -torch.remainder(degrees, 360.0) * (math.pi / 180.0)
-    cos, sin = torch.round(angle.cos(), decimals=15), torch.round(angle.sin(), decimals=15)
+def _rotation(degrees: float, w: int, h: int) -> list[float]:
+    """PIL's Image.rotate(degrees) matrix about the image centre, with its arithmetic (Python floats: cos and
+    sin rounded to 15 decimals)."""
+    angle = -math.radians(degrees % 360.0)
+    cos, sin = round(math.cos(angle), 15), round(math.sin(angle), 15)
     cx, cy = w / 2, h / 2
-    offset_x = cos * -cx + sin * -cy + 0.0 + cx
-    offset_y = -sin * -cx + cos * -cy + 0.0 + cy
-    return torch.stack([cos, sin, offset_x, -sin, cos, offset_y], 1)
+    return [cos, sin, cos * -cx + sin * -cy + 0.0 + cx, -sin, cos, -sin * -cx + cos * -cy + 0.0 + cy]
 
 
 def _affine(images: torch.Tensor, matrix: torch.Tensor, fill: tuple, interpolation: str) -> torch.Tensor:
-    """Sample each image at its matrix's input points as PIL's bilinear/bicubic affine filters do (on CUDA: one
-    Triton kernel, kat.data.kernels._affine_kernel, with the same arithmetic).
+    """Sample each image at its matrix's input points as PIL's bilinear/bicubic affine filters do (on CUDA the
+    layer kernel does the same arithmetic: kat.data.kernels._affine_pixels).
 
     PIL: the input point of output pixel (x, y) is matrix @ (x + 0.5, y + 0.5, 1) (float64 here too); a
     point outside [0, W) x [0, H) gets the fill; else the taps at floor(point - 0.5) + offsets, clamped to the
     image, are weighted by the kernel at point - 0.5 - floor(point - 0.5); the value is truncated to uint8.
     """
     n, c, h, w = images.shape
-    if images.is_cuda and HAS_TRITON:
-        return _affine_triton(images, matrix, fill, interpolation)
     centres, size, last, taps, powers, coefficients, fill = _sampling_constants(
         h, w, interpolation, fill, images.device
     )
@@ -451,26 +494,48 @@ def _affine(images: torch.Tensor, matrix: torch.Tensor, fill: tuple, interpolati
     return torch.where(inside[:, None], sampled, fill)
 
 
-def _affine_triton(images: torch.Tensor, matrix: torch.Tensor, fill: tuple, interpolation: str) -> torch.Tensor:
-    """_affine in one kernel launch: no [n, H, W, taps] intermediates (the torch version allocates 52 MB of them
-    per 224 x 224 image, bicubic, whose memory traffic on the GPU competes with the training step)."""
+def apply_kernels(images: torch.Tensor, layers: list[LayerArguments], fill: tuple, interpolation: str) -> torch.Tensor:
+    """The layers on uint8 [B, 3, H, W] images with kat.data.kernels' RandAugment kernels: per layer one pass
+    over the batch (each image its own op, out of place), plus, when an image's op needs them, one over its
+    pixels for the histograms or grayscale sum and one small kernel for the histogram tables. Replaced ~120
+    tensor ops per batch of 128 whose host time bound the augmentation thread (docs/BENCHMARKS.md section 4).
+    The arguments of all layers travel in two host-to-device copies, from pinned memory."""
     from kat.data import kernels
     from kat.rational.kernels import cdiv, device_guard
 
-    n, c, h, w = images.shape
-    images = images.contiguous()
-    out = torch.empty_like(images)
-    fill = _sampling_constants(h, w, interpolation, fill, images.device)[-1].view(3)
-    grid = (cdiv(h * w, _AFFINE_BLOCK), n)
-    with device_guard(images.device):
-        kernels._affine_kernel[grid](
-            images, matrix.to(torch.float64).contiguous(), fill, out, h, w, _TRUNCATE_SLACK,
-            BICUBIC=interpolation == "bicubic", BLOCK=_AFFINE_BLOCK, enable_fp_fusion=False,  # as the CPU: no FMA
-        )  # fmt: skip
-    return out
+    n, _, h, w = images.shape
+    device = images.device
+    pinned = device.type == "cuda"
+    arguments = torch.stack([layer.packed() for layer in layers])  # [L, B, 8]
+    luts = torch.stack([layer.lut for layer in layers])  # [L, B, 256]
+    if pinned:  # non_blocking copies from pinned memory: the host does not wait for the stream
+        arguments, luts = arguments.pin_memory(), luts.pin_memory()
+    arguments = arguments.to(device, non_blocking=True)
+    luts = luts.to(device, non_blocking=True)
+    out = images.contiguous()
+    with device_guard(device):
+        for layer, (args, lut) in enumerate(zip(arguments, luts)):
+            kinds = set(layers[layer].kind.tolist())
+            if kinds == {Kind.IDENTITY}:
+                continue
+            stats = histogram_luts = lut  # placeholders the kernel does not read when no image needs them
+            if kinds & {Kind.AUTOCONTRAST, Kind.EQUALIZE, Kind.CONTRAST}:
+                stats = torch.zeros(n, kernels.STATS.value, dtype=torch.int64, device=device)
+                grid = (cdiv(h * w, _STATS_BLOCK), n)
+                kernels._rand_augment_stats_kernel[grid](out, args, stats, h * w, BLOCK=_STATS_BLOCK)
+            if kinds & {Kind.AUTOCONTRAST, Kind.EQUALIZE}:
+                histogram_luts = torch.empty(n, 3, 256, dtype=torch.uint8, device=device)
+                kernels._histogram_lut_kernel[(n, 3)](args, stats, histogram_luts, enable_fp_fusion=False)
+            src, out = out, torch.empty_like(out)
+            kernels._rand_augment_kernel[(cdiv(h * w, _APPLY_BLOCK), n)](
+                src, out, args, lut, histogram_luts, stats, h, w, _TRUNCATE_SLACK, *fill,
+                BICUBIC=interpolation == "bicubic", BLOCK=_APPLY_BLOCK, enable_fp_fusion=False,  # as the CPU: no FMA
+            )  # fmt: skip
+    return out if out is not images else images.clone()
 
 
-_AFFINE_BLOCK = 256  # output pixels per program
+_APPLY_BLOCK = 256  # output pixels per program of the layer kernel
+_STATS_BLOCK = 1024  # pixels per program of the statistics kernel
 
 
 @functools.lru_cache(maxsize=32)
