@@ -279,7 +279,7 @@ def _rand_augment_stats_kernel(images_ptr, args_ptr, stats_ptr, plane, BLOCK: tl
 @triton.jit
 def _histogram_lut_kernel(args_ptr, stats_ptr, luts_ptr):
     """AutoContrast's and Equalize's tables, uint8 [B, 3, 256], from the histograms: PIL's ImageOps arithmetic,
-    as rand_augment._histogram_luts computes it (launched without fused multiply-adds, as that runs)."""
+    as rand_augment._autocontrast_luts and _equalize_luts compute it (launched without fused multiply-adds)."""
     b, c = tl.program_id(0), tl.program_id(1)
     kind = tl.load(args_ptr + b * ARGS).to(tl.int32)
     ramp = tl.arange(0, 256)
