@@ -1,8 +1,8 @@
 """timm's RandAugment ('rand-m9-mstd0.5', ...) on uint8 image batches, on any device.
 
 Why: RandAugment on PIL is a large part of a loader worker's per-image cost. On the GPU as tensor ops, a batch
-of 128 took 5-8 ms of host time (~100 copies and ~240 dtype conversions, most of them of small host tensors),
-which bound the device_augment thread; on CUDA each layer is now one Triton kernel (kat.data.kernels,
+of 128 took 5-8 ms of host time (hundreds of small tensor ops, most of them on host tensors), which bound the
+device_augment thread; on CUDA each layer is now one Triton kernel (kat.data.kernels,
 `apply_kernels`): 1.4 ms (docs/BENCHMARKS.md section 4).
 The policy is split in two so that the random draws stay where timm makes them:
   - `sample()` runs in a loader worker, once per image, and draws what timm's RandAugment draws per image
