@@ -1,4 +1,4 @@
-"""Device parameters shared by the GR-KAN op tests."""
+"""Device parameters and marks shared by the kernel tests."""
 
 import pytest
 import torch
@@ -16,4 +16,9 @@ CUDA_TRITON_OPS = pytest.param(
             reason="needs a CUDA device and TRITON_INTERPRET=0",
         ),
     ],
+)
+
+# Kernels on CPU tensors need the interpreter (conftest sets TRITON_INTERPRET=1 unless told otherwise).
+needs_interpreter = pytest.mark.skipif(
+    not kernels.INTERPRETED, reason="TRITON_INTERPRET=0: the GPU tests cover the compiled kernels"
 )

@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from devices import needs_interpreter
 from PIL import Image
 from timm.data.auto_augment import AugmentOp
 
@@ -19,10 +20,6 @@ from kat.data.rand_augment import (
     Kind,
     apply_kernels,
 )
-from kat.rational.op import HAS_TRITON
-
-if HAS_TRITON:
-    from kat.data import kernels
 
 FILL = (124, 116, 104)
 GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
@@ -160,11 +157,6 @@ def test_output_dtype_shape_device_and_input_untouched():
 
 def kernel_layers(augment: BatchRandAugment, images: torch.Tensor, params: torch.Tensor):
     return [augment.arguments(params.double()[:, layer], *images.shape[2:]) for layer in range(params.shape[1])]
-
-
-needs_interpreter = pytest.mark.skipif(
-    not HAS_TRITON or not kernels.INTERPRETED, reason="runs the kernels on the CPU through TRITON_INTERPRET=1"
-)
 
 
 def assert_kernels_match(out: torch.Tensor, expected: torch.Tensor, geometric: bool) -> None:

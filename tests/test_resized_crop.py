@@ -4,16 +4,12 @@ path) against PIL's crop().resize(), which is what timm's RandomResizedCrop comp
 import numpy as np
 import pytest
 import torch
+from devices import needs_interpreter
 from photos import photo_pixels
 from PIL import Image
 
-from kat.data import kernels, resized_crop
+from kat.data import resized_crop
 from kat.data.resized_crop import CANVAS_PIXELS, _canvas_groups
-
-# The kernels on CPU tensors need the interpreter (conftest sets TRITON_INTERPRET=1 unless told otherwise).
-needs_interpreter = pytest.mark.skipif(
-    not kernels.INTERPRETED, reason="TRITON_INTERPRET=0: the GPU test covers the compiled kernels"
-)
 
 RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 IMPLEMENTATIONS = {

@@ -245,6 +245,15 @@ _AFFINE = tl.constexpr(int(Kind.AFFINE))
 
 
 @triton.jit
+def _load_rgb(image, plane, pixel, valid):
+    """One image's three channels (uint8 planes `plane` apart) at `pixel`, as int32; 0 where not valid."""
+    r = tl.load(image + pixel, mask=valid, other=0).to(tl.int32)
+    g = tl.load(image + plane + pixel, mask=valid, other=0).to(tl.int32)
+    b = tl.load(image + 2 * plane + pixel, mask=valid, other=0).to(tl.int32)
+    return r, g, b
+
+
+@triton.jit
 def _gray(r, g, b):
     """PIL's RGB -> L in its 16-bit fixed point (int32 in, int32 out)."""
     return (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16
@@ -269,9 +278,7 @@ def _rand_augment_stats_kernel(images_ptr, args_ptr, stats_ptr, plane, BLOCK: tl
             histogram = tl.histogram(value, 256) - tl.where(bins == 0, masked, 0)  # masked pixels read as 0
             tl.atomic_add(stats + c * 256 + bins, histogram.to(tl.int64))
     if kind == _CONTRAST:
-        r = tl.load(image + pixel, mask=valid, other=0).to(tl.int32)
-        g = tl.load(image + plane + pixel, mask=valid, other=0).to(tl.int32)
-        bl = tl.load(image + 2 * plane + pixel, mask=valid, other=0).to(tl.int32)
+        r, g, bl = _load_rgb(image, plane, pixel, valid)
         gray = tl.where(valid, _gray(r, g, bl), 0)
         tl.atomic_add(stats + 3 * 256, tl.sum(gray.to(tl.int64), axis=0))
 
@@ -353,9 +360,7 @@ def _rand_augment_kernel(
                 degenerate = _smooth(src + c * plane, pixel, valid, height, width)
                 _blend_store(dst + c * plane + pixel, x, degenerate, factor, valid)
         else:
-            r = tl.load(src + pixel, mask=valid, other=0).to(tl.int32)
-            g = tl.load(src + plane + pixel, mask=valid, other=0).to(tl.int32)
-            bl = tl.load(src + 2 * plane + pixel, mask=valid, other=0).to(tl.int32)
+            r, g, bl = _load_rgb(src, plane, pixel, valid)
             if kind == _COLOR:  # the grayscale image
                 degenerate = _gray(r, g, bl).to(tl.float32)
             elif kind == _CONTRAST:  # the grayscale's mean, PIL's int(mean + 0.5)

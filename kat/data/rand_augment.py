@@ -256,11 +256,11 @@ class BatchRandAugment:
         matrix = np.tile(np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]), (n, 1))
         lut = np.tile(np.arange(256), (n, 1))
         for k in np.unique(op[op >= 0]).tolist():
-            name, rows = self.ops[k], op == k
+            name, rows, op_kind = self.ops[k], op == k, self._kinds[k + 1]
             f, s = frac[rows], sign[rows]
-            if _kind(name) == Kind.LUT:
+            if op_kind == Kind.LUT:
                 lut[rows] = _pointwise_lut(name, f[:, None])
-            elif Kind.COLOR <= _kind(name) <= Kind.SHARPNESS:  # PIL's ImageEnhance factor
+            elif Kind.COLOR <= op_kind <= Kind.SHARPNESS:  # PIL's ImageEnhance factor
                 factor[rows] = np.maximum(1.0 + s * (f * 0.9), 0.1) if name.endswith("Increasing") else f * 1.8 + 0.1
             elif name == "Rotate":
                 matrix[rows] = [_rotation(degrees, width, height) for degrees in (f * 30.0 * s).tolist()]
