@@ -24,13 +24,28 @@ from timm.models import VisionTransformer, build_model_with_cfg, generate_defaul
 from timm.models._manipulate import named_apply
 from timm.models.vision_transformer import Block, init_weights_vit_timm
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 
+from kat.models.channel_mixer import channel_mixer
 from kat.models.pretrained import CheckpointMismatchError, checkpoint_filter_fn, load_checkpoint_file
 from kat.rational import GroupRational, layer_norm_rational, vp_gain
 
 __all__ = ["KANMlp", "Kat", "KatBlock", "init_mimetic_attention"]
 
 WEIGHT_INITS = ("vp", "official")
+
+
+def has_hooks(*modules: nn.Module) -> bool:
+    """Whether calling any of `modules` would run a hook (the test nn.Module.__call__ makes). The fused paths
+    compute several modules without calling them, so where a hook would fire they run the modules instead."""
+    if (
+        torch_module._global_forward_hooks
+        or torch_module._global_forward_pre_hooks
+        or torch_module._global_backward_hooks
+        or torch_module._global_backward_pre_hooks
+    ):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in modules)
 
 
 class KANMlp(nn.Module):
@@ -44,9 +59,13 @@ class KANMlp(nn.Module):
     parameters, but the bias gradient comes out of act2's backward kernel, which already reads every element
     of the gradient, instead of a separate reduction over fc1's output gradient (0.34 ms of KAT-S's 17.3 ms
     step under CUDA graphs, H200; docs/BENCHMARKS.md section 3).
+
+    With `fuse_mixer` (default) and `fuse_bias_act`, `forward_fused_norm` in eager mode runs the whole mixer as one
+    autograd node (kat.models.channel_mixer): same function, fewer host-side ops per block.
     """
 
     fuse_bias_act = True
+    fuse_mixer = True
 
     def __init__(
         self,
@@ -83,15 +102,30 @@ class KANMlp(nn.Module):
         return self._from_fc1(self.drop1(self.act1(x)))
 
     def forward_fused_norm(self, x: Tensor, norm: nn.LayerNorm) -> Tensor:
-        """self(norm(x)) with norm and act1 computed by one fused op (see KatBlock)."""
+        """self(norm(x)) with norm and act1 computed by one fused op (see KatBlock); in eager mode the whole
+        mixer as one autograd node where that computes the same (see `fuse_mixer`)."""
         act1 = self.act1
+        if self._one_node(norm):
+            return channel_mixer(x, norm, act1, self.fc1, self.act2, self.fc2)
         x = layer_norm_rational(
             x, norm.weight, norm.bias, norm.eps, act1.weight_numerator, act1.weight_denominator, backend=act1.backend
         )
         return self._from_fc1(self.drop1(x))
 
+    def _one_node(self, norm: nn.LayerNorm) -> bool:
+        """Whether `channel_mixer` computes this mixer: eager mode (torch.compile traces the ops and fuses around
+        them itself), fc1's bias inside act2, no active dropout, no norm before fc2, no hooks to fire."""
+        return (
+            self.fuse_mixer
+            and self.fuse_bias_act
+            and not torch.compiler.is_compiling()
+            and isinstance(self.norm, nn.Identity)
+            and not any(drop.training and drop.p > 0 for drop in (self.drop1, self.drop2))
+            and not has_hooks(norm, self.act1, self.fc1, self.act2, self.fc2)
+        )
+
     def _from_fc1(self, x: Tensor) -> Tensor:
-        if self.fuse_bias_act:
+        if self.fuse_bias_act and not has_hooks(self.fc1):  # fc1's hooks need fc1 called with its bias
             x = self.act2(F.linear(x, self.fc1.weight), bias=self.fc1.bias)  # fc1 without its bias: act2 adds it
         else:
             x = self.act2(self.fc1(x))
@@ -125,7 +159,8 @@ class KatBlock(Block):
     fuse_norm_act = True
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        if not (self.fuse_norm_act and isinstance(self.norm2, nn.LayerNorm) and isinstance(self.mlp, KANMlp)):
+        fused = self.fuse_norm_act and isinstance(self.norm2, nn.LayerNorm) and isinstance(self.mlp, KANMlp)
+        if not fused or has_hooks(self.norm2, self.mlp.act1):  # hooks need the two modules called
             return super().forward(x, *args, **kwargs)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), *args, **kwargs)))  # as timm's Block
         return x + self.drop_path2(self.ls2(self.mlp.forward_fused_norm(x, self.norm2)))
@@ -185,6 +220,8 @@ class Kat(VisionTransformer):
         weight_init: 'vp' or 'official', see the module docstring and docs/MODELS.md.
         fuse_norm_act: compute each block's norm2 -> act1 as one fused op (KatBlock); same function.
         fuse_bias_act: add fc1's bias inside act2's op (KANMlp); same function.
+        fuse_mixer: in eager mode run each block's norm2 -> ... -> fc2 as one autograd node (KANMlp, with both
+            fusions above); same function.
     """
 
     def __init__(
@@ -195,6 +232,7 @@ class Kat(VisionTransformer):
         fix_init: bool = False,
         fuse_norm_act: bool = True,
         fuse_bias_act: bool = True,
+        fuse_mixer: bool = True,
         **kwargs,
     ):
         if weight_init not in WEIGHT_INITS:
@@ -208,6 +246,7 @@ class Kat(VisionTransformer):
                 block.fuse_norm_act = fuse_norm_act
             if isinstance(block.mlp, KANMlp):
                 block.mlp.fuse_bias_act = fuse_bias_act
+                block.mlp.fuse_mixer = fuse_mixer
         self.act_init, self.kan_groups = act_init, kan_groups
         self.weight_init_mode, self.fix_init = weight_init, fix_init
         self.init_weights()

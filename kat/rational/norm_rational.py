@@ -69,7 +69,9 @@ def _torch_backward(grad_output, x, weight, bias, mean, rstd, numerator, denomin
     return dx.to(x.dtype).contiguous(), d_weight, d_bias, d_num, d_den  # contiguous, as the fake says
 
 
-def _forward_impl(x, weight, bias, eps, numerator, denominator, out_dtype, backend, wrap=None):
+def forward_impl(x, weight, bias, eps, numerator, denominator, out_dtype, backend, wrap=None):
+    """(y, mean, rstd) on `backend`: the body of the op, of the eager autograd.Function and of the eager channel
+    mixer (kat.models.channel_mixer)."""
     if backend == "triton":
         return _kernels.forward(
             x, weight, bias, eps, numerator, denominator, out_dtype, wrap=wrap or _kernels.direct
@@ -77,7 +79,8 @@ def _forward_impl(x, weight, bias, eps, numerator, denominator, out_dtype, backe
     return _torch_forward(x, weight, bias, eps, numerator, denominator, out_dtype)
 
 
-def _backward_impl(grad_output, x, weight, bias, mean, rstd, numerator, denominator, backend, wrap=None):
+def backward_impl(grad_output, x, weight, bias, mean, rstd, numerator, denominator, backend, wrap=None):
+    """(dx, d_weight, d_bias, d_numerator, d_denominator) on `backend` (see `forward_impl`)."""
     if backend == "triton":
         return _kernels.backward(
             grad_output, x, weight, bias, mean, rstd, numerator, denominator, wrap=wrap or _kernels.direct
@@ -109,7 +112,7 @@ def _layer_norm_rational_fwd(
     out_dtype: torch.dtype,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _forward_impl(x, weight, bias, eps, numerator, denominator, out_dtype, backend, WRAP)
+    return forward_impl(x, weight, bias, eps, numerator, denominator, out_dtype, backend, WRAP)
 
 
 def _bwd_fake(grad_output, x, weight, bias, mean, rstd, numerator, denominator, backend):
@@ -135,7 +138,7 @@ def _layer_norm_rational_bwd(
     denominator: Tensor,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _backward_impl(grad_output, x, weight, bias, mean, rstd, numerator, denominator, backend, WRAP)
+    return backward_impl(grad_output, x, weight, bias, mean, rstd, numerator, denominator, backend, WRAP)
 
 
 def _parameter_grads(weight, bias, grads):
@@ -178,7 +181,7 @@ class _EagerLayerNormRational(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, numerator, denominator, out_dtype, backend):
-        y, mean, rstd = _forward_impl(x, weight, bias, eps, numerator, denominator, out_dtype, backend)
+        y, mean, rstd = forward_impl(x, weight, bias, eps, numerator, denominator, out_dtype, backend)
         ctx.save_for_backward(x, weight, bias, mean, rstd, numerator, denominator)
         ctx.backend = backend
         return y
@@ -186,7 +189,7 @@ class _EagerLayerNormRational(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         x, weight, bias, mean, rstd, numerator, denominator = ctx.saved_tensors
-        grads = _backward_impl(grad_output, x, weight, bias, mean, rstd, numerator, denominator, ctx.backend)
+        grads = backward_impl(grad_output, x, weight, bias, mean, rstd, numerator, denominator, ctx.backend)
         return *_parameter_grads(weight, bias, grads), None, None
 
 
@@ -194,7 +197,8 @@ class _EagerLayerNormRational(torch.autograd.Function):
 # Public API.
 
 
-def _check_inputs(x, weight, bias, eps, numerator, denominator, out_dtype) -> None:
+def check_inputs(x, weight, bias, eps, numerator, denominator, out_dtype) -> None:
+    """Clear errors for what `layer_norm_rational` cannot compute (types, dtypes, devices, shapes)."""
     named = {"x": x, "weight": weight, "bias": bias, "numerator": numerator, "denominator": denominator}
     for name, t in named.items():
         if t is None and name in ("weight", "bias"):
@@ -276,7 +280,7 @@ def layer_norm_rational(
     """
     if out_dtype is None:
         out_dtype = default_out_dtype(x) if isinstance(x, Tensor) else None
-    _check_inputs(x, weight, bias, eps, numerator, denominator, out_dtype)
+    check_inputs(x, weight, bias, eps, numerator, denominator, out_dtype)
     backend = active_backend(x, backend)
     eps = float(eps)
     if torch.compiler.is_compiling():

@@ -75,7 +75,8 @@ def active_backend(x: Tensor, backend: str | None = None) -> str:
     return choice
 
 
-def _check_inputs(x: Tensor, numerator: Tensor, denominator: Tensor, bias: Tensor | None) -> None:
+def check_inputs(x: Tensor, numerator: Tensor, denominator: Tensor, bias: Tensor | None) -> None:
+    """Clear errors for what `group_rational` cannot compute (types, dtypes, devices, shapes)."""
     named = {"x": x, "numerator": numerator, "denominator": denominator, "bias": bias}
     for name, t in named.items():
         if t is None and name == "bias":
@@ -118,15 +119,17 @@ def _check_inputs(x: Tensor, numerator: Tensor, denominator: Tensor, bias: Tenso
         )
 
 
-def _forward_impl(
+def forward_impl(
     x: Tensor, numerator: Tensor, denominator: Tensor, bias: Tensor | None, backend: str, wrap=None
 ) -> Tensor:
+    """F(x + bias) on `backend`: the body of the op, of the eager autograd.Function and of the eager channel
+    mixer (kat.models.channel_mixer)."""
     if backend == "triton":
         return _kernels.rational_forward(x, numerator, denominator, bias, wrap=wrap or _kernels.direct)
     return reference.rational_forward(x, numerator, denominator, bias)
 
 
-def _backward_impl(
+def backward_impl(
     grad_output: Tensor,
     x: Tensor,
     numerator: Tensor,
@@ -135,6 +138,7 @@ def _backward_impl(
     backend: str,
     wrap=None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(dx, d numerator, d denominator, d bias or None) on `backend` (see `forward_impl`)."""
     if backend == "triton":
         return _kernels.rational_backward(grad_output, x, numerator, denominator, bias, wrap=wrap or _kernels.direct)
     return reference.rational_backward(grad_output, x, numerator, denominator, bias)
@@ -148,7 +152,7 @@ def _fwd_fake(x, numerator, denominator, bias, backend):
 def _group_rational_fwd(
     x: Tensor, numerator: Tensor, denominator: Tensor, bias: Tensor | None, backend: str
 ) -> Tensor:
-    return _forward_impl(x, numerator, denominator, bias, backend, WRAP)
+    return forward_impl(x, numerator, denominator, bias, backend, WRAP)
 
 
 def _bwd_fake(grad_output, x, numerator, denominator, bias, backend):
@@ -166,7 +170,7 @@ def _group_rational_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, d numerator, d denominator, d bias); d bias is an empty tensor without a bias (ops cannot return
     None)."""
-    dx, d_num, d_den, d_bias = _backward_impl(grad_output, x, numerator, denominator, bias, backend, WRAP)
+    dx, d_num, d_den, d_bias = backward_impl(grad_output, x, numerator, denominator, bias, backend, WRAP)
     return dx, d_num, d_den, x.new_empty(0) if d_bias is None else d_bias
 
 
@@ -198,12 +202,12 @@ class _EagerGroupRational(torch.autograd.Function):
     def forward(ctx, x, numerator, denominator, bias, backend):
         ctx.save_for_backward(x, numerator, denominator, bias)  # x in its own dtype: no fp32 copy
         ctx.backend = backend
-        return _forward_impl(x, numerator, denominator, bias, backend)
+        return forward_impl(x, numerator, denominator, bias, backend)
 
     @staticmethod
     def backward(ctx, grad_output):
         x, numerator, denominator, bias = ctx.saved_tensors
-        return *_backward_impl(grad_output, x, numerator, denominator, bias, ctx.backend), None
+        return *backward_impl(grad_output, x, numerator, denominator, bias, ctx.backend), None
 
 
 def group_rational(
@@ -220,7 +224,7 @@ def group_rational(
     Under torch.compile this is the custom op `kat::group_rational_fwd` (one opaque node, no graph break);
     in eager mode the same kernels run through a lighter autograd.Function.
     """
-    _check_inputs(x, numerator, denominator, bias)
+    check_inputs(x, numerator, denominator, bias)
     backend = active_backend(x, backend)
     if torch.compiler.is_compiling():
         return _group_rational_fwd(x, numerator, denominator, bias, backend)
