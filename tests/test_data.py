@@ -217,7 +217,8 @@ def test_device_loader_wants_uint8():
 
 
 def test_random_erasing_of_a_normalised_batch():
-    """timm's RandomErasing on the device batch: erases per image, drawing the global RNG (saved in checkpoints)."""
+    """timm's RandomErasing (batched: tests/test_random_erasing.py) on the device batch: erases per image,
+    drawing the global RNG (saved in checkpoints)."""
     cfg = parse_config(["--config", "kat_t", "--reprob", "1.0", "--remode", "pixel"])
     erasing = build_random_erasing(cfg, "cpu")
     assert isinstance(erasing, RandomErasing)

@@ -3,8 +3,9 @@
 import timm.data
 import torch.nn as nn
 from timm.data import Mixup
-from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+from kat.data.random_erasing import BatchRandomErasing
 
 
 def resolve_data_config(model: nn.Module, cfg) -> dict:
@@ -61,15 +62,16 @@ def build_transforms(cfg, data_config: dict):
     return train, evaluation
 
 
-def build_random_erasing(cfg, device) -> RandomErasing | None:
-    """timm's random erasing of normalised [B, 3, H, W] batches on `device`; None when reprob is 0.
+def build_random_erasing(cfg, device) -> BatchRandomErasing | None:
+    """timm's random erasing of normalised [B, 3, H, W] batches on `device`, with the batch's boxes filled in a
+    few tensor ops (kat.data.random_erasing); None when reprob is 0.
 
     Applied by the training loop to the batch it is about to use (after normalising, before Mixup, timm's
     order), so it draws this process' RNG at the step it belongs to and a checkpoint captures it.
     """
     if cfg.reprob <= 0:
         return None
-    return RandomErasing(cfg.reprob, mode=cfg.remode, max_count=cfg.recount, device=device)
+    return BatchRandomErasing(cfg.reprob, mode=cfg.remode, max_count=cfg.recount, device=device)
 
 
 def build_mixup(cfg, num_classes: int) -> Mixup | None:
