@@ -1,6 +1,7 @@
 """kat.data.random_erasing.BatchRandomErasing against timm's RandomErasing: the same boxes and the same draws
 from Python's RNG, boxes filled as timm's modes fill them."""
 
+import copy
 import random
 
 import pytest
@@ -79,6 +80,10 @@ def test_single_image_and_in_place():
     assert same is image and torch.equal(image, out) and (image == 0).any()
     random.seed(0)
     assert torch.equal(erasing(torch.ones(0, 3, 16, 16)), torch.ones(0, 3, 16, 16))
+    copied = copy.deepcopy(erasing)
+    copied.probability = 0.0  # the copy draws with its own parameters
+    assert torch.equal(copied(torch.ones(2, 3, 16, 16)), torch.ones(2, 3, 16, 16))
+    assert erasing.probability == 1.0 and (erasing(torch.ones(1, 3, 16, 16)) == 0).any()
 
 
 @pytest.mark.gpu

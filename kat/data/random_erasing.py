@@ -37,6 +37,8 @@ class _MetaFill:
         self._erasing = erasing
 
     def __getattr__(self, name):
+        if name == "_erasing":  # not set yet (copy and pickle make instances without __init__)
+            raise AttributeError(name)
         return getattr(self._erasing, name)
 
 
