@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Mlp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kat.models import KANMlp  # noqa: E402
 from kat.rational import GroupRational, layer_norm_rational  # noqa: E402
 
 
@@ -67,6 +69,33 @@ def main():
     ]:
         us, base = per_call_us(fn, x), per_call_us(sum_step, x)
         print(f"{name:40s} {us:8.1f} {us - base:24.1f}")
+
+    # A whole KAT-T channel mixer (norm2 -> act1 -> fc1 -> act2 -> fc2, bf16 autocast) as one autograd node
+    # (kat.models.channel_mixer, what eager mode runs) and composed of its ops, against ViT-T's norm2 -> Mlp.
+    tiny = torch.randn(8, 192, device=device, requires_grad=True)
+    grad = torch.randn(8, 192, device=device, dtype=torch.bfloat16)
+    norm2 = torch.nn.LayerNorm(192).to(device)
+    kan_mlp = KANMlp(192, 768).to(device)
+    vit_mlp = Mlp(192, 768).to(device)
+
+    def mixer_step(one_node: bool):
+        def step(t):
+            kan_mlp.fuse_mixer = one_node
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = kan_mlp.forward_fused_norm(t, norm2)
+            y.backward(grad)
+
+        return step
+
+    def vit_mixer_step(t):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = vit_mlp(norm2(t))
+        y.backward(grad)
+
+    print(f"\n{'channel mixer [8,192] (forward + backward)':44s} {'host us':>8s}")
+    for name, fn in [("KAT-T, one autograd node", mixer_step(True)), ("KAT-T, composed ops", mixer_step(False)),
+                     ("ViT-T (LayerNorm, Mlp)", vit_mixer_step)]:
+        print(f"{name:44s} {per_call_us(fn, tiny):8.1f}")
 
     for name, fn, x in [("group_rational", rational_step, hidden), ("layer_norm_rational", norm_rational_step, stream)]:
         print(f"\n--- cProfile of {name} forward + backward, 200 calls ---")
