@@ -48,21 +48,19 @@ class _ChannelMixer(torch.autograd.Function):
         grad = grad.reshape(-1, grad.shape[-1])  # [N, C_out]
         d_fc2_bias = grad.sum(0, dtype=fc2_bias_dtype) if needs[11] else None
         d_fc2_weight = torch.mm(grad.t(), a).to(fc2_dtype) if needs[10] else None
-        dx = d_norm_weight = d_norm_bias = d_num1 = d_den1 = d_fc1_weight = d_fc1_bias = d_num2 = d_den2 = None
+        norm_grads = (None,) * 6  # gradients of x, norm weight/bias, eps, act1's numerator/denominator
+        d_fc1_weight = d_fc1_bias = d_num2 = d_den2 = None
         if any(needs[:10]):
             d_z, d_num2, d_den2, d_fc1_bias = op.backward_impl(torch.mm(grad, w2), z, num2, den2, fc1_bias,
                                                                ctx.backends[1])  # fmt: skip
             if needs[6]:
                 d_fc1_weight = torch.mm(d_z.t(), h).to(fc1_dtype)
             if any(needs[i] for i in _NORM_INPUTS):
-                dx, d_norm_weight, d_norm_bias, d_num1, d_den1 = norm_rational.backward_impl(
+                dx, *rest = norm_rational.backward_impl(
                     torch.mm(d_z, w1), rows, norm_weight, norm_bias, mean, rstd, num1, den1, ctx.backends[0]
                 )
-                dx = dx.view(ctx.shape)
-                d_norm_weight = None if norm_weight is None else d_norm_weight  # LayerNorm without weight/bias
-                d_norm_bias = None if norm_bias is None else d_norm_bias
-        return (dx, d_norm_weight, d_norm_bias, None, d_num1, d_den1, d_fc1_weight, d_fc1_bias, d_num2, d_den2,
-                d_fc2_weight, d_fc2_bias, None, None)  # fmt: skip
+                norm_grads = norm_rational.parameter_grads(norm_weight, norm_bias, (dx.view(ctx.shape), *rest))
+        return (*norm_grads, d_fc1_weight, d_fc1_bias, d_num2, d_den2, d_fc2_weight, d_fc2_bias, None, None)
 
 
 def channel_mixer(

@@ -105,23 +105,24 @@ class KANMlp(nn.Module):
         """self(norm(x)) with norm and act1 computed by one fused op (see KatBlock); in eager mode the whole
         mixer as one autograd node where that computes the same (see `fuse_mixer`)."""
         act1 = self.act1
-        if self._one_node(norm):
+        if self._one_node():
             return channel_mixer(x, norm, act1, self.fc1, self.act2, self.fc2)
         x = layer_norm_rational(
             x, norm.weight, norm.bias, norm.eps, act1.weight_numerator, act1.weight_denominator, backend=act1.backend
         )
         return self._from_fc1(self.drop1(x))
 
-    def _one_node(self, norm: nn.LayerNorm) -> bool:
+    def _one_node(self) -> bool:
         """Whether `channel_mixer` computes this mixer: eager mode (torch.compile traces the ops and fuses around
-        them itself), fc1's bias inside act2, no active dropout, no norm before fc2, no hooks to fire."""
+        them itself), fc1's bias inside act2, no active dropout, no norm before fc2, no hooks to fire on the
+        modules from fc1 on (norm2's and act1's are KatBlock's check: the fused norm2 -> act1 op skips them too)."""
         return (
             self.fuse_mixer
             and self.fuse_bias_act
             and not torch.compiler.is_compiling()
             and isinstance(self.norm, nn.Identity)
             and not any(drop.training and drop.p > 0 for drop in (self.drop1, self.drop2))
-            and not has_hooks(norm, self.act1, self.fc1, self.act2, self.fc2)
+            and not has_hooks(self.fc1, self.act2, self.fc2)
         )
 
     def _from_fc1(self, x: Tensor) -> Tensor:

@@ -141,9 +141,9 @@ def _layer_norm_rational_bwd(
     return backward_impl(grad_output, x, weight, bias, mean, rstd, numerator, denominator, backend, WRAP)
 
 
-def _parameter_grads(weight, bias, grads):
+def parameter_grads(weight, bias, grads):
     """(dx, d_weight, d_bias, d_num, d_den) -> gradients of (x, weight, bias, eps, num, den); None where
-    a parameter is absent."""
+    a parameter is absent. Shared with the eager channel mixer (kat.models.channel_mixer)."""
     dx, d_weight, d_bias, d_num, d_den = grads
     return (
         dx,
@@ -169,7 +169,7 @@ def _backward(ctx, grad_output, _grad_mean, _grad_rstd):
     grads = _layer_norm_rational_bwd(
         grad_output, x, weight, bias, mean, rstd, numerator, denominator, ctx.backend
     )
-    return *_parameter_grads(weight, bias, grads), None, None
+    return *parameter_grads(weight, bias, grads), None, None
 
 
 _layer_norm_rational_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -190,7 +190,7 @@ class _EagerLayerNormRational(torch.autograd.Function):
     def backward(ctx, grad_output):
         x, weight, bias, mean, rstd, numerator, denominator = ctx.saved_tensors
         grads = backward_impl(grad_output, x, weight, bias, mean, rstd, numerator, denominator, ctx.backend)
-        return *_parameter_grads(weight, bias, grads), None, None
+        return *parameter_grads(weight, bias, grads), None, None
 
 
 # ---------------------------------------------------------------------------------------------------------
