@@ -60,7 +60,7 @@ def test_shipped_recipe_configs():
     for name, (model, drop_path) in expected.items():
         cfg = parse_config(["--config", name])
         assert (cfg.model, cfg.drop_path) == (model, drop_path)
-        # KAT_FACTS section 4 at global batch 1024 = 8 processes x 128
+        # the published recipe (arXiv 2409.10594): lr 1e-3 at global batch 1024 = 8 processes x 128
         assert cfg.global_batch_size(8) == 1024 and cfg.scaled_lr(8) == pytest.approx(1e-3)
         assert cfg.scaled_lr(2) == pytest.approx(2.5e-4)  # linear rule for other batch sizes
         assert (cfg.weight_decay, cfg.warmup_epochs, cfg.epochs, cfg.clip_grad) == (0.05, 5, 300, None)

@@ -1,4 +1,4 @@
-"""Fine-tuning (configs/finetune.yaml): init_from one of our runs onto a dataset with another class count.
+"""Fine-tuning (kat/configs/finetune.yaml): init_from one of our runs onto a dataset with another class count.
 
 A 2-step demo run of a 1-block KAT is the source; the fine-tune run starts from it on 3 of the digit classes, the
 way the README tutorial does with the full demo. About 10 s on 2 cores.

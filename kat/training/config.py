@@ -2,8 +2,13 @@
 
 Every field of `TrainConfig` is a YAML key and a flag (`--batch_size 64` or `--batch-size 64`).
 Dict-valued keys merge rather than replace, so `--model_kwargs.depth 2` (or `--model_kwargs "{depth: 2}"`)
-changes one entry of the YAML's model_kwargs. The defaults are the published KAT/DeiT recipe
-(KAT_FACTS section 4) for ImageNet-1k.
+changes one entry of the YAML's model_kwargs. The defaults are the published KAT recipe for ImageNet-1k (the
+DeiT recipe, as the KAT paper, arXiv 2409.10594, trains it). Every value is checked here, in `validate`, before
+anything is written. The shipped configs live in kat/configs/ (package data), so `--config kat_s` works from any
+directory and from a non-editable install.
+
+Kept hand-written rather than OmegaConf structured configs (no `Literal` fields, unknown keys rejected without a
+"did you mean") or simple-parsing (argparse errors without the YAML file and key): either costs error quality.
 """
 
 from __future__ import annotations
@@ -12,15 +17,20 @@ import argparse
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import timm.optim
 import yaml
+from PIL import Image
 
-CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+# The resize filters timm maps to PIL (and torchvision) modes; train_interpolation also takes timm's 'random'.
+INTERPOLATIONS = tuple(mode.name.lower() for mode in Image.Resampling)
 
 
 class ConfigError(ValueError):
@@ -260,11 +270,40 @@ def find_config_file(name: str) -> Path:
     )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # the SafeLoader reports unhashable keys itself
+            if key in seen:
+                problem = f"key {key!r} is given twice (YAML would keep only the last); keep one"
+                raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _safe_load(stream):
+    """yaml.safe_load with duplicate keys refused (what yaml.load(stream, _UniqueKeyLoader) does)."""
+    loader = _UniqueKeyLoader(stream)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def load_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
+        with open(path) as file:  # a stream, so PyYAML's marks name the file rather than '<unicode string>'
+            data = _safe_load(file)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from error
+        mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        what = " ".join(filter(None, (getattr(error, "context", None), getattr(error, "problem", None))))
+        raise ConfigError(f"{path} is not valid YAML{where}: {what or error}") from error
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -278,7 +317,7 @@ def _flag_value(text: str, key: str | None = None):
     For keys that take text (`--run_name 2024`) a number stays the text it was typed as.
     """
     try:
-        value = yaml.safe_load(text)
+        value = _safe_load(text)
     except yaml.YAMLError:
         return text
     annotation = _TYPES[key] if key is not None else None
@@ -301,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a timm/KAT image classifier. Every config key is also a flag; flags beat the YAML.",
         allow_abbrev=False,
     )
-    parser.add_argument("--config", help="YAML config: a path or a name in configs/ (e.g. kat_s.yaml, demo)")
+    parser.add_argument("--config", help="YAML config: a path or a name in kat/configs/ (e.g. kat_s.yaml, demo)")
     for name, f in FIELDS.items():
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -393,12 +432,64 @@ def validate(cfg: TrainConfig) -> None:
     for key in ("scale", "ratio", "opt_betas"):
         if len(getattr(cfg, key)) != 2:
             raise ConfigError(f"config key '{key}' expects two numbers, got {getattr(cfg, key)}")
+    _validate_data(cfg)
+    _validate_opt(cfg.opt)
     if cfg.fsdp and cfg.compile:
         raise ConfigError("fsdp: true with compile: true is not supported (untested); set one of them to false")
     if cfg.fsdp and cfg.mixed_precision == "fp16":
         raise ConfigError("fsdp: true trains in bf16 or fp32 (no fp16 loss scaling); set mixed_precision: bf16")
-    if not cfg.run_name or "/" in cfg.run_name:
-        raise ConfigError(f"'run_name' must be a plain directory name, got {cfg.run_name!r}")
+    # output_dir/run_name must stay inside output_dir: no separators, no '.' or '..'.
+    separators = {"/", os.sep, os.altsep or "/"}
+    if not cfg.run_name or cfg.run_name in (".", "..") or any(c in cfg.run_name for c in separators):
+        raise ConfigError(
+            f"config key 'run_name' must be a plain directory name (no '/', not '.' or '..'), got {cfg.run_name!r}"
+        )
+
+
+def _validate_data(cfg: TrainConfig) -> None:
+    """Preprocessing values that timm would otherwise change silently (crop_pct 0) or reject mid-setup."""
+    if cfg.crop_pct is not None and not (0 < cfg.crop_pct <= 1):
+        raise ConfigError(
+            f"config key 'crop_pct' must be in (0, 1] (e.g. 0.875; null = the model's default), got {cfg.crop_pct}"
+        )
+    for key, choices in (
+        ("interpolation", INTERPOLATIONS),
+        ("train_interpolation", (*INTERPOLATIONS, "random")),
+    ):
+        value = getattr(cfg, key)
+        if value is not None and value not in choices:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(choices)}")
+    channels = cfg.model_kwargs.get("in_chans", 3)
+    for key in ("mean", "std"):
+        value = getattr(cfg, key)
+        if value is None:
+            continue
+        if len(value) != channels:
+            raise ConfigError(
+                f"config key '{key}' needs one number per input channel ({channels}), got {value}"
+            )
+        if not all(math.isfinite(v) and (v > 0 or key == "mean") for v in value):
+            limits = "finite numbers" if key == "mean" else "finite numbers > 0 (images are divided by it)"
+            raise ConfigError(f"config key '{key}' must hold {limits}, got {value}")
+    low, high = cfg.scale
+    if not 0 < low <= high <= 1:
+        raise ConfigError(f"config key 'scale' must be [low, high] with 0 < low <= high <= 1, got {cfg.scale}")
+    low, high = cfg.ratio
+    if not (0 < low <= high and math.isfinite(high)):
+        raise ConfigError(f"config key 'ratio' must be [low, high] with 0 < low <= high, got {cfg.ratio}")
+    if not all(0 <= beta < 1 for beta in cfg.opt_betas):
+        raise ConfigError(f"config key 'opt_betas' must be two numbers in [0, 1), got {cfg.opt_betas}")
+
+
+def _validate_opt(name: str) -> None:
+    """The names timm.optim.create_optimizer_v2 accepts: a registered optimizer, optionally 'lookahead_'-prefixed."""
+    *prefix, base = name.lower().split("_")
+    known = timm.optim.list_optimizers()
+    if base in known and prefix in ([], ["lookahead"]):
+        return
+    match = difflib.get_close_matches(base, known, n=3, cutoff=0.6)
+    hint = f"; closest: {', '.join(match)}" if match else " (timm.optim.list_optimizers() lists them)"
+    raise ConfigError(f"config key 'opt': {name!r} is not a timm optimizer{hint}")
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:
