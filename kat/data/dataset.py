@@ -1,21 +1,24 @@
 """ImageFolder datasets (train/ and val/) that are checked up front and survive a few unreadable images.
 
-A layout problem (no val/, train and val with different classes, an empty class folder) is an error before
-any training starts. An image that cannot be decoded mid-run (truncated download, not an image) is logged by
-name, counted, and replaced by the next readable one so batches keep their size on every process; the run
-stops once more than `max_bad_images` have failed, because then the data itself is broken.
+A layout problem (no val/, train and val with different classes, an empty or unreadable class folder) is an
+error before any training starts. Folders are walked with explicit symlink rules (`ImageFolderDataset.make_dataset`).
+An image that cannot be decoded mid-run (truncated download, not an image, over PIL's decompression-bomb limit)
+is logged by name, counted once per file, and replaced by the next readable one so batches keep their size on
+every process; the run stops once more than `max_bad_images` distinct files have failed, because then the data
+itself is broken.
 """
 
 import io
 import logging
 import multiprocessing
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +31,37 @@ class DataError(ValueError):
     """The dataset on disk cannot be used as it is; the message names the path and the fix."""
 
 
+def _unreadable(path, error: OSError) -> DataError:
+    return DataError(
+        f"'{path}' cannot be read ({error.strerror or error}); fix its permissions (e.g. chmod -R a+rX) or remove it"
+    )
+
+
 def _class_folders(split_dir: Path) -> list[str]:
-    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as error:
+        raise _unreadable(split_dir, error) from error
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. PIL's convert("RGB") clips 16-bit greyscale ('I;16*', and 'I' as 16-bit PNGs may open) to
+    0 or 255, so those are rescaled from 0..65535 first; every other mode (palette, RGBA, L, CMYK) converts as PIL
+    does. Float and wider integer images have no range we could assume and are refused."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        pixels = np.asarray(image).astype(np.int64)
+        if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+            raise ValueError(f"{image.mode} image with values outside 0..65535; save it as 8 or 16 bit")
+        grey = ((pixels * 255 + 32767) // 65535).astype(np.uint8)  # rounded 16 -> 8 bit
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode in ("F", "I;32", "I;32B"):
+        raise ValueError(f"{image.mode} (floating-point or 32-bit) image; save it as 8 or 16 bit")
+    return image.convert("RGB")
+
+
+def load_rgb(path: str) -> Image.Image:
+    with open(path, "rb") as file:
+        return to_rgb(Image.open(file))
 
 
 def _describe(names: set[str], limit: int = 5) -> str:
@@ -61,7 +93,7 @@ class ImageFolderDataset(ImageFolder):
     """torchvision ImageFolder that skips unreadable images (logged by name, counted across workers)."""
 
     def __init__(self, root: str | Path, transform=None, max_bad_images: int = 100):
-        super().__init__(str(root), transform=transform, allow_empty=True)
+        super().__init__(str(root), transform=transform, loader=load_rgb, allow_empty=True)
         counts = [0] * len(self.classes)
         for target in self.targets:
             counts[target] += 1
@@ -72,15 +104,69 @@ class ImageFolderDataset(ImageFolder):
                 "; add images or remove the class from both train/ and val/"
             )
         self.max_bad_images = max_bad_images
-        # Shared with DataLoader workers (inherited at start), so the training process sees their count.
-        self._bad_images = multiprocessing.Value("i", 0)
+        # One flag per sample and their count, shared with DataLoader workers (inherited at start): a file that
+        # fails every epoch counts once, whichever process read it.
+        self._bad_samples = multiprocessing.Array("b", len(self.samples))
+        self._bad_images = multiprocessing.Value("i", 0, lock=False)  # changed under _bad_samples' lock
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         classes = _class_folders(Path(directory))  # the same rule check_layout uses (hidden folders skipped)
         return classes, {name: index for index, name in enumerate(classes)}
 
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        """(path, class index) of every image under directory/<class>/ (in torchvision's order), each file once.
+
+        Directory symlinks are followed (datasets are often assembled from links), except one that leads to a
+        folder already part of the walk: a loop such as `train/3/loop -> ..`, or a link into another class,
+        would otherwise label other classes' images as this one (or recurse). Those are skipped with a warning,
+        as are second paths to an image already listed. An unreadable folder is an error, not an empty class.
+        """
+        root = Path(directory)
+        seen_dirs = {_dir_identity(root / name) for name in [".", *class_to_idx]}
+        seen_files, duplicates, samples = set(), [], []
+        for name, index in sorted(class_to_idx.items(), key=lambda item: item[1]):
+            folders, pending = [], [str(root / name)]
+            while pending:  # depth-first over real folders, each once
+                folder = pending.pop()
+                try:
+                    entries = list(os.scandir(folder))
+                    folder_dev = os.stat(folder).st_dev
+                except OSError as error:
+                    raise _unreadable(folder, error) from error
+                files = []
+                for entry in entries:
+                    if entry.is_dir():
+                        identity = _dir_identity(entry.path)
+                        if identity in seen_dirs:
+                            logger.warning(
+                                "skipped %s: it leads to %s, which is already part of the dataset (a symlink loop "
+                                "or a second path to the same images)",
+                                entry.path,
+                                os.path.realpath(entry.path),
+                            )
+                            continue
+                        seen_dirs.add(identity)
+                        pending.append(entry.path)
+                    elif has_file_allowed_extension(entry.name, extensions):
+                        identity = _file_identity(entry, folder_dev)
+                        if identity in seen_files:
+                            duplicates.append(entry.path)
+                            continue
+                        seen_files.add(identity)
+                        files.append(entry.name)
+                folders.append((folder, sorted(files)))
+            samples += [(os.path.join(folder, f), index) for folder, files in sorted(folders) for f in files]
+        if duplicates:
+            logger.warning(
+                "skipped %d second path(s) to images already listed (symlinks or hard links), e.g. %s",
+                len(duplicates),
+                duplicates[0],
+            )
+        return samples
+
     @property
     def num_bad_images(self) -> int:
+        """Distinct files that could not be read so far (by any process, in any epoch)."""
         return self._bad_images.value
 
     def check_bad_images(self) -> None:
@@ -91,9 +177,14 @@ class ImageFolderDataset(ImageFolder):
                 f"{self.max_bad_images}); the data looks damaged: re-extract it, or raise max_bad_images"
             )
 
-    def count_bad_image(self, path: str, error: Exception) -> None:
-        with self._bad_images.get_lock():
+    def count_bad_image(self, sample: int, error: Exception) -> None:
+        """Count sample `sample` as unreadable (once per file) and log it the first time."""
+        with self._bad_samples.get_lock():
+            if self._bad_samples[sample]:
+                return
+            self._bad_samples[sample] = 1
             self._bad_images.value += 1
+        path = self.samples[sample][0]
         logger.warning("skipped unreadable image %s (%s: %s)", path, type(error).__name__, error)
 
     def __getitem__(self, index: int):
@@ -102,8 +193,9 @@ class ImageFolderDataset(ImageFolder):
             path, target = self.samples[sample]
             try:
                 loaded = self._read(path)
-            except (OSError, ValueError, SyntaxError) as error:  # what PIL raises for broken files
-                self.count_bad_image(path, error)
+            # What PIL raises for broken files; a decompression bomb would fail again on every rerun.
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+                self.count_bad_image(sample, error)
                 continue
             return self._item(loaded, target, sample)
         raise DataError(f"{MAX_CONSECUTIVE_FAILURES} consecutive images from '{path}' back could not be read")
@@ -134,12 +226,28 @@ class EncodedImageFolderDataset(ImageFolderDataset):
         image = Image.open(io.BytesIO(data))  # parses the header only
         if data.startswith(JPEG_MAGIC):
             return torch.frombuffer(bytearray(data), dtype=torch.uint8), image
-        pixels = torch.from_numpy(np.array(image.convert("RGB")))  # [H, W, 3]
+        pixels = torch.from_numpy(np.array(to_rgb(image)))  # [H, W, 3]
         return pixels.permute(2, 0, 1).contiguous(), image
 
     def _item(self, loaded, target: int, sample: int):
         data, image = loaded
         return data, target, torch.tensor(self.draw_params(image), dtype=torch.float32), sample
+
+
+def _dir_identity(path) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
+
+
+def _file_identity(entry: os.DirEntry, folder_dev: int) -> tuple:
+    """(device, inode) of the file an entry names; a broken link is its own path (it fails when read)."""
+    if not entry.is_symlink():
+        return folder_dev, entry.inode()  # from the directory listing, no extra stat
+    try:
+        target = entry.stat()
+    except OSError:
+        return (entry.path,)
+    return target.st_dev, target.st_ino
 
 
 def build_datasets(

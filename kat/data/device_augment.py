@@ -129,5 +129,5 @@ class DeviceAugment:
         try:
             return decode_jpeg(jpeg, mode=ImageReadMode.RGB).to(self.device, non_blocking=True)
         except RuntimeError as error:
-            self.dataset.count_bad_image(self.dataset.samples[sample][0], error)
+            self.dataset.count_bad_image(sample, error)
             return None
