@@ -116,53 +116,76 @@ class ImageFolderDataset(ImageFolder):
     def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
         """(path, class index) of every image under directory/<class>/ (in torchvision's order), each file once.
 
-        Directory symlinks are followed (datasets are often assembled from links), except one that leads to a
-        folder already part of the walk: a loop such as `train/3/loop -> ..`, or a link into another class,
-        would otherwise label other classes' images as this one (or recurse). Those are skipped with a warning,
-        as are second paths to an image already listed. An unreadable folder is an error, not an empty class.
+        Real folders and files are listed first, then symlinks are followed (datasets are often assembled from
+        links), except one that leads to a folder or image already listed: a loop such as `train/3/loop -> ..`,
+        or a link into another class, would otherwise relabel other classes' images as this one, or recurse.
+        Skipped links are logged. An unreadable folder is an error, not an empty class.
         """
         root = Path(directory)
         seen_dirs = {_dir_identity(root / name) for name in [".", *class_to_idx]}
-        seen_files, duplicates, samples = set(), [], []
-        for name, index in sorted(class_to_idx.items(), key=lambda item: item[1]):
-            folders, pending = [], [str(root / name)]
-            while pending:  # depth-first over real folders, each once
+        seen_files, listed, links, duplicates = set(), {}, [], []
+
+        def walk(top: str, index: int) -> None:
+            """List the real folders under `top`; symlinks found are queued in `links`."""
+            pending = [top]
+            while pending:
                 folder = pending.pop()
                 try:
                     entries = list(os.scandir(folder))
                     folder_dev = os.stat(folder).st_dev
                 except OSError as error:
                     raise _unreadable(folder, error) from error
-                files = []
+                names = []
+                listed[folder] = (index, names)
                 for entry in entries:
-                    if entry.is_dir():
-                        identity = _dir_identity(entry.path)
-                        if identity in seen_dirs:
-                            logger.warning(
-                                "skipped %s: it leads to %s, which is already part of the dataset (a symlink loop "
-                                "or a second path to the same images)",
-                                entry.path,
-                                os.path.realpath(entry.path),
-                            )
-                            continue
-                        seen_dirs.add(identity)
+                    if entry.is_symlink():
+                        links.append((entry, index))
+                    elif entry.is_dir():
+                        seen_dirs.add(_dir_identity(entry.path))
                         pending.append(entry.path)
                     elif has_file_allowed_extension(entry.name, extensions):
-                        identity = _file_identity(entry, folder_dev)
+                        identity = (folder_dev, entry.inode())  # from the listing, no extra stat
                         if identity in seen_files:
                             duplicates.append(entry.path)
-                            continue
-                        seen_files.add(identity)
-                        files.append(entry.name)
-                folders.append((folder, sorted(files)))
-            samples += [(os.path.join(folder, f), index) for folder, files in sorted(folders) for f in files]
+                        else:
+                            seen_files.add(identity)
+                            names.append(entry.name)
+
+        for name, index in class_to_idx.items():
+            walk(str(root / name), index)
+        while links:
+            entry, index = links.pop(0)
+            if entry.is_dir():
+                identity = _dir_identity(entry.path)
+                if identity in seen_dirs:
+                    logger.warning(
+                        "skipped %s: it leads to %s, which is already part of the dataset (a symlink loop or a "
+                        "second path to the same images)",
+                        entry.path,
+                        os.path.realpath(entry.path),
+                    )
+                    continue
+                seen_dirs.add(identity)
+                walk(entry.path, index)
+            elif has_file_allowed_extension(entry.name, extensions):
+                identity = _link_target_identity(entry)
+                if identity in seen_files:
+                    duplicates.append(entry.path)
+                    continue
+                seen_files.add(identity)
+                listed[os.path.dirname(entry.path)][1].append(entry.name)
         if duplicates:
             logger.warning(
                 "skipped %d second path(s) to images already listed (symlinks or hard links), e.g. %s",
                 len(duplicates),
                 duplicates[0],
             )
-        return samples
+        # torchvision's order: class by class, folders by path, files by name
+        return [
+            (os.path.join(folder, name), index)
+            for folder, (index, names) in sorted(listed.items(), key=lambda item: (item[1][0], item[0]))
+            for name in sorted(names)
+        ]
 
     @property
     def num_bad_images(self) -> int:
@@ -239,10 +262,8 @@ def _dir_identity(path) -> tuple[int, int]:
     return stat.st_dev, stat.st_ino
 
 
-def _file_identity(entry: os.DirEntry, folder_dev: int) -> tuple:
-    """(device, inode) of the file an entry names; a broken link is its own path (it fails when read)."""
-    if not entry.is_symlink():
-        return folder_dev, entry.inode()  # from the directory listing, no extra stat
+def _link_target_identity(entry: os.DirEntry) -> tuple:
+    """(device, inode) of the file a symlink points to; a broken link is its own path (it fails when read)."""
     try:
         target = entry.stat()
     except OSError:
