@@ -1,8 +1,18 @@
 """Config resolution: defaults < YAML < flags, the shipped configs, and errors that name the key and the fix."""
 
+from pathlib import Path
+
 import pytest
 
-from kat.training.config import CONFIGS_DIR, ConfigError, TrainConfig, load_yaml, parse_config, save_config
+from kat.training.config import (
+    CONFIGS_DIR,
+    ConfigError,
+    TrainConfig,
+    find_config_file,
+    load_yaml,
+    parse_config,
+    save_config,
+)
 
 
 def write(path, text):
@@ -123,3 +133,86 @@ def test_train_entry_point_reports_config_errors(capsys):
 
     assert train.main(["--config", "demo", "--wandb_mod", "offline"]) == 2
     assert "did you mean 'wandb_mode'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--run_name", ".."],
+            "'run_name' must be a plain directory name (no '/', not '.' or '..'), got '..'",
+        ),
+        (["--run_name", "a/b"], "'run_name' must be a plain directory name"),
+        (["--std", "[0, 0, 0]"], "config key 'std' must hold finite numbers > 0"),
+        (
+            ["--mean", "[0.5, 0.5]"],
+            "config key 'mean' needs one number per input channel (3), got [0.5, 0.5]",
+        ),
+        (["--std", "[0.5]", "--model_kwargs.in_chans", "1"], None),
+        (["--crop_pct", "0"], "config key 'crop_pct' must be in (0, 1]"),
+        (["--crop_pct", "null"], None),
+        (["--interpolation", "bicubik"], "config key 'interpolation': 'bicubik' is not one of nearest"),
+        (["--interpolation", "random"], "config key 'interpolation': 'random' is not one of"),
+        (["--train_interpolation", "random"], None),
+        (["--opt", "adamww"], "config key 'opt': 'adamww' is not a timm optimizer; closest: adamw"),
+        (["--opt", "lookahead_sgd"], None),
+        (["--opt", "fancy_adamw"], "'fancy_adamw' is not a timm optimizer"),
+        (["--scale", "[0.5, 0.1]"], "config key 'scale' must be [low, high] with 0 < low <= high <= 1"),
+        (["--scale", "[0.5, 2]"], "config key 'scale' must be"),
+        (["--ratio", "[0, 1]"], "config key 'ratio' must be [low, high] with 0 < low <= high"),
+        (["--opt_betas", "[0.9, 1.5]"], "config key 'opt_betas' must be two numbers in [0, 1)"),
+    ],
+)
+def test_impossible_values_are_refused(argv, message):
+    if message is None:
+        parse_config(argv)  # the nearby valid value passes
+        return
+    with pytest.raises(ConfigError) as error:
+        parse_config(argv)
+    assert message in str(error.value)
+
+
+def test_yaml_duplicate_keys_and_syntax_errors_name_file_and_line(tmp_path):
+    twice = write(tmp_path / "twice.yaml", "lr: 1e-3\nepochs: 3\nlr: 5e-4\n")
+    with pytest.raises(ConfigError) as error:
+        parse_config(["--config", twice])
+    assert f"{twice} is not valid YAML (line 3, column 1): key 'lr' is given twice" in str(error.value)
+    nested = write(tmp_path / "nested.yaml", "model_kwargs:\n  depth: 2\n  depth: 4\n")
+    with pytest.raises(ConfigError, match=r"nested.yaml is not valid YAML \(line 3, column 3\): key 'depth'"):
+        parse_config(["--config", nested])
+    broken = write(tmp_path / "broken.yaml", "lr: 1e-3\nmodel_kwargs: {depth: 2\n")
+    with pytest.raises(ConfigError) as error:
+        parse_config(["--config", broken])
+    assert str(error.value).startswith(f"{broken} is not valid YAML (line 3")
+    assert "\n" not in str(error.value) and "<unicode string>" not in str(error.value)
+
+
+def test_bad_values_fail_before_the_run_directory_exists(tmp_path, capsys):
+    import train
+
+    for flags in (
+        ["--opt", "adamww"],
+        ["--interpolation", "bicubik"],
+        ["--mean", "[0.5]"],
+        ["--run_name", ".."],
+    ):
+        argv = [
+            "--config",
+            "demo",
+            "--output_dir",
+            str(tmp_path / "runs"),
+            "--wandb_mode",
+            "disabled",
+            *flags,
+        ]
+        assert train.main(argv) == 2
+        assert "error: config key" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() and not (tmp_path.parent / "demo").exists()
+
+
+def test_configs_are_found_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("kat_s", "kat_s.yaml", "configs/kat_s.yaml"):
+        assert find_config_file(name) == CONFIGS_DIR / "kat_s.yaml"
+    (tmp_path / "kat_s.yaml").write_text("epochs: 3\n")
+    assert find_config_file("kat_s.yaml") == Path("kat_s.yaml")  # a file here wins over the shipped one

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -161,6 +162,51 @@ def config_cases(tmp: Path) -> dict:
             ConfigError,
             ["fsdp: true shards the model over GPUs", "(cpu: true); set fsdp: false"],
         ),
+        "config-yaml-syntax": (
+            lambda: parse_config(["--config", write(tmp / "s.yaml", "lr: 1e-3\nscale: [0.5, 1\n")]),
+            ConfigError,
+            ["s.yaml is not valid YAML (line 3, column 1)", "expected ',' or ']'"],
+        ),
+        "config-duplicate-key": (
+            lambda: parse_config(["--config", write(tmp / "d.yaml", "lr: 1e-3\nlr: 5e-4\n")]),
+            ConfigError,
+            ["d.yaml is not valid YAML (line 2, column 1)", "key 'lr' is given twice", "keep one"],
+        ),
+        "config-crop-pct": (
+            lambda: parse_config(["--crop_pct", "0"]),
+            ConfigError,
+            ["config key 'crop_pct' must be in (0, 1]", "null = the model's default", "got 0"],
+        ),
+        "config-normalisation": (
+            lambda: parse_config(["--std", "[0, 0, 0]"]),
+            ConfigError,
+            ["config key 'std' must hold finite numbers > 0", "got [0.0, 0.0, 0.0]"],
+        ),
+        "config-normalisation-length": (
+            lambda: parse_config(["--mean", "[0.5, 0.5]"]),
+            ConfigError,
+            ["config key 'mean' needs one number per input channel (3), got [0.5, 0.5]"],
+        ),
+        "config-crop-ranges": (
+            lambda: parse_config(["--scale", "[0.5, 0.1]"]),
+            ConfigError,
+            ["config key 'scale' must be [low, high] with 0 < low <= high <= 1, got [0.5, 0.1]"],
+        ),
+        "config-interpolation": (
+            lambda: parse_config(["--interpolation", "bicubik"]),
+            ConfigError,
+            ["config key 'interpolation': 'bicubik' is not one of nearest", "bicubic"],
+        ),
+        "config-unknown-optimizer": (
+            lambda: parse_config(["--opt", "adamww"]),
+            ConfigError,
+            ["config key 'opt': 'adamww' is not a timm optimizer; closest: adamw"],
+        ),
+        "config-run-name-path": (
+            lambda: parse_config(["--run_name", ".."]),
+            ConfigError,
+            ["config key 'run_name' must be a plain directory name (no '/', not '.' or '..'), got '..'"],
+        ),
         "config-accelerate-fsdp-launch": (
             lambda: with_env(
                 {"ACCELERATE_USE_FSDP": "true"}, lambda: Trainer(parse_config(["--cpu", "true", *QUIET]))
@@ -195,6 +241,18 @@ def data_cases(tmp: Path) -> dict:
         dataset[broken]  # logged, counted, replaced by the next image
         dataset.check_bad_images()
 
+    def unreadable_class_folder():
+        root = digits(tmp / "f", 1, 1)
+        locked, listdir = root / "train" / "3", os.scandir
+
+        def scandir(path):  # what a folder without read permission gives (root reads it anyway)
+            if Path(path) == locked:
+                raise PermissionError(13, "Permission denied", str(path))
+            return listdir(path)
+
+        with mock.patch("os.scandir", scandir):
+            return ImageFolderDataset(root / "train")
+
     def fewer_images_than_a_step():
         root = digits(tmp / "e", 1, 1)
         argv = ["--config", "demo", "--data_dir", str(root), "--output_dir", str(tmp), *TINY, *QUIET]
@@ -213,6 +271,11 @@ def data_cases(tmp: Path) -> dict:
             ["different class folders", "only in train/: dog", "only in val/: emu"],
         ),
         "data-empty-class": (empty_class, DataError, ["class folder(s) without images", "10"]),
+        "data-unreadable-folder": (
+            unreadable_class_folder,
+            DataError,
+            [f"'{tmp / 'f' / 'train' / '3'}' cannot be read (Permission denied)", "fix its permissions"],
+        ),
         "data-unreadable-images": (
             too_many_bad_images,
             DataError,

@@ -63,7 +63,9 @@ def test_unreadable_class_folder_is_named(tmp_path, monkeypatch):
         return real_scandir(path)
 
     monkeypatch.setattr(kat.data.dataset.os, "scandir", scandir)
-    with pytest.raises(DataError, match=rf"'{locked}' cannot be read \(Permission denied\); fix its permissions"):
+    with pytest.raises(
+        DataError, match=rf"'{locked}' cannot be read \(Permission denied\); fix its permissions"
+    ):
         build_datasets(root, None, None)
 
 

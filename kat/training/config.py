@@ -27,10 +27,23 @@ from typing import Literal
 import timm.optim
 import yaml
 from PIL import Image
+from timm.data.transforms import str_to_interp_mode
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
-# The resize filters timm maps to PIL (and torchvision) modes; train_interpolation also takes timm's 'random'.
-INTERPOLATIONS = tuple(mode.name.lower() for mode in Image.Resampling)
+
+
+def _timm_takes_interpolation(name: str) -> bool:
+    try:
+        str_to_interp_mode(name)
+    except KeyError:
+        return False
+    return True
+
+
+# PIL's resize filters that timm's transforms map (not PIL's newest); train_interpolation also takes 'random'.
+INTERPOLATIONS = tuple(
+    name for name in (mode.name.lower() for mode in Image.Resampling) if _timm_takes_interpolation(name)
+)
 
 
 class ConfigError(ValueError):
