@@ -1,11 +1,11 @@
 """ImageFolder datasets (train/ and val/) that are checked up front and survive a few unreadable images.
 
 A layout problem (no val/, train and val with different classes, an empty or unreadable class folder) is an
-error before any training starts. Folders are walked with explicit symlink rules (`ImageFolderDataset.make_dataset`).
-An image that cannot be decoded mid-run (truncated download, not an image, over PIL's decompression-bomb limit)
-is logged by name, counted once per file, and replaced by the next readable one so batches keep their size on
-every process; the run stops once more than `max_bad_images` distinct files have failed, because then the data
-itself is broken.
+error before any training starts. Folders are walked with explicit symlink rules (`make_dataset`). An image
+that cannot be decoded mid-run (truncated download, not an image, over PIL's decompression-bomb limit) is
+logged by name, counted once per file, and replaced by the next readable one so batches keep their size on
+every process; the run stops once more than `max_bad_images` distinct files have failed, because then the
+data itself is broken.
 """
 
 import io
@@ -33,7 +33,8 @@ class DataError(ValueError):
 
 def _unreadable(path, error: OSError) -> DataError:
     return DataError(
-        f"'{path}' cannot be read ({error.strerror or error}); fix its permissions (e.g. chmod -R a+rX) or remove it"
+        f"'{path}' cannot be read ({error.strerror or error}); "
+        "fix its permissions (e.g. chmod -R a+rX) or remove it"
     )
 
 
@@ -45,9 +46,9 @@ def _class_folders(split_dir: Path) -> list[str]:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB. PIL's convert("RGB") clips 16-bit greyscale ('I;16*', and 'I' as 16-bit PNGs may open) to
-    0 or 255, so those are rescaled from 0..65535 first; every other mode (palette, RGBA, L, CMYK) converts as PIL
-    does. Float and wider integer images have no range we could assume and are refused."""
+    """8-bit RGB. PIL's convert("RGB") clips 16-bit greyscale ('I;16*', and 'I' as 16-bit PNGs may open)
+    to 0 or 255, so those are rescaled from 0..65535 first; every other mode (palette, RGBA, L, CMYK) converts
+    as PIL does. Float and wider integer images have no range we could assume and are refused."""
     if image.mode.startswith("I;16") or image.mode == "I":
         pixels = np.asarray(image).astype(np.int64)
         if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
@@ -104,8 +105,8 @@ class ImageFolderDataset(ImageFolder):
                 "; add images or remove the class from both train/ and val/"
             )
         self.max_bad_images = max_bad_images
-        # One flag per sample and their count, shared with DataLoader workers (inherited at start): a file that
-        # fails every epoch counts once, whichever process read it.
+        # One flag per sample and their count, shared with DataLoader workers (inherited at start): a file
+        # that fails every epoch counts once, whichever process read it.
         self._bad_samples = multiprocessing.Array("b", len(self.samples))
         self._bad_images = multiprocessing.Value("i", 0, lock=False)  # changed under _bad_samples' lock
 
@@ -114,12 +115,12 @@ class ImageFolderDataset(ImageFolder):
         return classes, {name: index for index, name in enumerate(classes)}
 
     def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
-        """(path, class index) of every image under directory/<class>/ (in torchvision's order), each file once.
+        """(path, class index) of each image file under directory/<class>/, once, in torchvision's order.
 
-        Real folders and files are listed first, then symlinks are followed (datasets are often assembled from
-        links), except one that leads to a folder or image already listed: a loop such as `train/3/loop -> ..`,
-        or a link into another class, would otherwise relabel other classes' images as this one, or recurse.
-        Skipped links are logged. An unreadable folder is an error, not an empty class.
+        Real folders and files are listed first, then symlinks are followed (datasets are often assembled
+        from links), except one that leads to a folder or image already listed: a loop such as
+        `train/3/loop -> ..`, or a link into another class, would otherwise relabel other classes' images as
+        this one, or recurse. Skipped links are logged. An unreadable folder is an error, not an empty class.
         """
         root = Path(directory)
         seen_dirs = {_dir_identity(root / name) for name in [".", *class_to_idx]}
@@ -159,8 +160,8 @@ class ImageFolderDataset(ImageFolder):
                 identity = _dir_identity(entry.path)
                 if identity in seen_dirs:
                     logger.warning(
-                        "skipped %s: it leads to %s, which is already part of the dataset (a symlink loop or a "
-                        "second path to the same images)",
+                        "skipped %s: it leads to %s, which is already part of the dataset "
+                        "(a symlink loop or a second path to the same images)",
                         entry.path,
                         os.path.realpath(entry.path),
                     )

@@ -2,13 +2,13 @@
 
 Every field of `TrainConfig` is a YAML key and a flag (`--batch_size 64` or `--batch-size 64`).
 Dict-valued keys merge rather than replace, so `--model_kwargs.depth 2` (or `--model_kwargs "{depth: 2}"`)
-changes one entry of the YAML's model_kwargs. The defaults are the published KAT recipe for ImageNet-1k (the
-DeiT recipe, as the KAT paper, arXiv 2409.10594, trains it). Every value is checked here, in `validate`, before
-anything is written. The shipped configs live in kat/configs/ (package data), so `--config kat_s` works from any
-directory and from a non-editable install.
+changes one entry of the YAML's model_kwargs. The defaults are the published KAT recipe for ImageNet-1k
+(the DeiT recipe, as the KAT paper, arXiv 2409.10594, trains it). Every value is checked here, in
+`validate`, before anything is written. The shipped configs live in kat/configs/ (package data), so
+`--config kat_s` works from any directory and from a non-editable install.
 
-Kept hand-written rather than OmegaConf structured configs (no `Literal` fields, unknown keys rejected without a
-"did you mean") or simple-parsing (argparse errors without the YAML file and key): either costs error quality.
+Hand-written, not OmegaConf structured configs (no `Literal` fields; unknown keys without a "did you mean")
+or simple-parsing (argparse errors that name neither the YAML file nor the key): both cost error quality.
 """
 
 from __future__ import annotations
@@ -353,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a timm/KAT image classifier. Every config key is also a flag; flags beat the YAML.",
         allow_abbrev=False,
     )
-    parser.add_argument("--config", help="YAML config: a path or a name in kat/configs/ (e.g. kat_s.yaml, demo)")
+    parser.add_argument(
+        "--config", help="YAML config: a path or a name in kat/configs/ (e.g. kat_s.yaml, demo)"
+    )
     for name, f in FIELDS.items():
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -455,7 +457,8 @@ def validate(cfg: TrainConfig) -> None:
     separators = {"/", os.sep, os.altsep or "/"}
     if not cfg.run_name or cfg.run_name in (".", "..") or any(c in cfg.run_name for c in separators):
         raise ConfigError(
-            f"config key 'run_name' must be a plain directory name (no '/', not '.' or '..'), got {cfg.run_name!r}"
+            "config key 'run_name' must be a plain directory name (no '/', not '.' or '..'), "
+            f"got {cfg.run_name!r}"
         )
 
 
@@ -463,7 +466,8 @@ def _validate_data(cfg: TrainConfig) -> None:
     """Preprocessing values that timm would otherwise change silently (crop_pct 0) or reject mid-setup."""
     if cfg.crop_pct is not None and not (0 < cfg.crop_pct <= 1):
         raise ConfigError(
-            f"config key 'crop_pct' must be in (0, 1] (e.g. 0.875; null = the model's default), got {cfg.crop_pct}"
+            "config key 'crop_pct' must be in (0, 1] (e.g. 0.875; null = the model's default), "
+            f"got {cfg.crop_pct}"
         )
     for key, choices in (
         ("interpolation", INTERPOLATIONS),
@@ -486,7 +490,9 @@ def _validate_data(cfg: TrainConfig) -> None:
             raise ConfigError(f"config key '{key}' must hold {limits}, got {value}")
     low, high = cfg.scale
     if not 0 < low <= high <= 1:
-        raise ConfigError(f"config key 'scale' must be [low, high] with 0 < low <= high <= 1, got {cfg.scale}")
+        raise ConfigError(
+            f"config key 'scale' must be [low, high] with 0 < low <= high <= 1, got {cfg.scale}"
+        )
     low, high = cfg.ratio
     if not (0 < low <= high and math.isfinite(high)):
         raise ConfigError(f"config key 'ratio' must be [low, high] with 0 < low <= high, got {cfg.ratio}")
@@ -495,7 +501,7 @@ def _validate_data(cfg: TrainConfig) -> None:
 
 
 def _validate_opt(name: str) -> None:
-    """The names timm.optim.create_optimizer_v2 accepts: a registered optimizer, optionally 'lookahead_'-prefixed."""
+    """Names create_optimizer_v2 takes: a timm-registered optimizer, optionally prefixed 'lookahead_'."""
     *prefix, base = name.lower().split("_")
     known = timm.optim.list_optimizers()
     if base in known and prefix in ([], ["lookahead"]):
