@@ -8,6 +8,7 @@ every process; the run stops once more than `max_bad_images` distinct files have
 data itself is broken.
 """
 
+import collections
 import io
 import logging
 import multiprocessing
@@ -124,7 +125,7 @@ class ImageFolderDataset(ImageFolder):
         """
         root = Path(directory)
         seen_dirs = {_dir_identity(root / name) for name in [".", *class_to_idx]}
-        seen_files, listed, links, duplicates = set(), {}, [], []
+        seen_files, listed, links, duplicates = set(), {}, collections.deque(), []
 
         def walk(top: str, index: int) -> None:
             """List the real folders under `top`; symlinks found are queued in `links`."""
@@ -155,7 +156,7 @@ class ImageFolderDataset(ImageFolder):
         for name, index in class_to_idx.items():
             walk(str(root / name), index)
         while links:
-            entry, index = links.pop(0)
+            entry, index = links.popleft()
             if entry.is_dir():
                 identity = _dir_identity(entry.path)
                 if identity in seen_dirs:
