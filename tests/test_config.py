@@ -160,6 +160,9 @@ def test_train_entry_point_reports_config_errors(capsys):
         (["--scale", "[0.5, 0.1]"], "config key 'scale' must be [low, high] with 0 < low <= high <= 1"),
         (["--scale", "[0.5, 2]"], "config key 'scale' must be"),
         (["--ratio", "[0, 1]"], "config key 'ratio' must be [low, high] with 0 < low <= high"),
+        (["--aa", "rand-x9"], "config key 'aa': 'rand-x9' is not a timm auto-augment policy"),
+        (["--aa", "augmix-m5"], None),
+        (["--remode", "zeros"], "config key 'remode': 'zeros' is not a random erasing fill mode"),
         (["--opt_betas", "[0.9, 1.5]"], "config key 'opt_betas' must be two numbers in [0, 1)"),
     ],
 )

@@ -202,6 +202,11 @@ def config_cases(tmp: Path) -> dict:
             ConfigError,
             ["config key 'opt': 'adamww' is not a timm optimizer; closest: adamw"],
         ),
+        "config-augment-policy": (
+            lambda: parse_config(["--aa", "rand-x9"]),
+            ConfigError,
+            ["config key 'aa': 'rand-x9' is not a timm auto-augment policy", "rand-m9-mstd0.5"],
+        ),
         "config-run-name-path": (
             lambda: parse_config(["--run_name", ".."]),
             ConfigError,

@@ -24,9 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import timm.data
 import timm.optim
 import yaml
 from PIL import Image
+from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import str_to_interp_mode
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -448,6 +450,7 @@ def validate(cfg: TrainConfig) -> None:
         if len(getattr(cfg, key)) != 2:
             raise ConfigError(f"config key '{key}' expects two numbers, got {getattr(cfg, key)}")
     _validate_data(cfg)
+    _validate_augmentation(cfg)
     _validate_opt(cfg.opt)
     if cfg.fsdp and cfg.compile:
         raise ConfigError("fsdp: true with compile: true is not supported (untested); set one of them to false")
@@ -498,6 +501,23 @@ def _validate_data(cfg: TrainConfig) -> None:
         raise ConfigError(f"config key 'ratio' must be [low, high] with 0 < low <= high, got {cfg.ratio}")
     if not all(0 <= beta < 1 for beta in cfg.opt_betas):
         raise ConfigError(f"config key 'opt_betas' must be two numbers in [0, 1), got {cfg.opt_betas}")
+
+
+def _validate_augmentation(cfg: TrainConfig) -> None:
+    """`aa` and `remode` as timm parses them (it asserts on unknown ones when the transforms are built)."""
+    try:
+        timm.data.create_transform(8, is_training=True, auto_augment=cfg.aa)
+    except (AssertionError, KeyError, ValueError) as error:
+        raise ConfigError(
+            f"config key 'aa': {cfg.aa!r} is not a timm auto-augment policy ({error}); "
+            "e.g. rand-m9-mstd0.5, augmix-m5, v0, original, or null for none"
+        ) from error
+    try:
+        RandomErasing(mode=cfg.remode, device="cpu")
+    except AssertionError as error:
+        raise ConfigError(
+            f"config key 'remode': {cfg.remode!r} is not a random erasing fill mode; use pixel, rand or const"
+        ) from error
 
 
 def _validate_opt(name: str) -> None:
