@@ -49,15 +49,15 @@ def _class_folders(split_dir: Path) -> list[str]:
 def to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB. PIL's convert("RGB") clips 16-bit greyscale ('I;16*', and 'I' as 16-bit PNGs may open)
     to 0 or 255, so those are rescaled from 0..65535 first; every other mode (palette, RGBA, L, CMYK) converts
-    as PIL does. Float and wider integer images have no range we could assume and are refused."""
+    as PIL does. Float images, and 'I' beyond 16 bit, have no range we could assume and are refused."""
     if image.mode.startswith("I;16") or image.mode == "I":
         pixels = np.asarray(image).astype(np.int64)
         if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
             raise ValueError(f"{image.mode} image with values outside 0..65535; save it as 8 or 16 bit")
         grey = ((pixels * 255 + 32767) // 65535).astype(np.uint8)  # rounded 16 -> 8 bit
         return Image.fromarray(grey, mode="L").convert("RGB")
-    if image.mode in ("F", "I;32", "I;32B"):
-        raise ValueError(f"{image.mode} (floating-point or 32-bit) image; save it as 8 or 16 bit")
+    if image.mode == "F":
+        raise ValueError("floating-point (mode F) image; save it as 8 or 16 bit")
     return image.convert("RGB")
 
 
