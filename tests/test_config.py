@@ -210,7 +210,7 @@ def test_bad_values_fail_before_the_run_directory_exists(tmp_path, capsys):
         ]
         assert train.main(argv) == 2
         assert "error: config key" in capsys.readouterr().err
-    assert not (tmp_path / "runs").exists() and not (tmp_path.parent / "demo").exists()
+    assert list(tmp_path.iterdir()) == []  # neither output_dir/demo nor, for run_name .., output_dir/..
 
 
 def test_configs_are_found_from_any_directory(tmp_path, monkeypatch):
