@@ -11,7 +11,7 @@ from kat.data.dataset import (
     check_layout,
 )
 from kat.data.device import DeviceLoader
-from kat.data.device_augment import DeviceAugment, DeviceAugmentConfig, collate_encoded
+from kat.data.gpu import DeviceAugment, DeviceAugmentConfig, collate_encoded
 from kat.data.sampler import ResumableSampler
 from kat.data.transforms import (
     build_mixup,
