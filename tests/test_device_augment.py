@@ -13,6 +13,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torch.utils.data import DataLoader
 
 from kat.data import (
+    DataError,
     DeviceAugment,
     DeviceAugmentConfig,
     DeviceLoader,
@@ -100,12 +101,19 @@ def test_flip_is_drawn_per_image(folder):
     assert torch.equal(images["1"], images["0"].flip(-1))
 
 
-def test_unreadable_jpeg_is_counted_and_replaced(tmp_path):
+CUDA = pytest.param(
+    "cuda",
+    marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_unreadable_jpeg_is_counted_and_replaced(tmp_path, device):
     """A truncated JPEG passes the worker's header check (its crop box is drawn from its header) and fails
     decoding on the device: it is counted as a bad image, and its whole sample is replaced by the next
     decodable one of the batch (cyclically): that one's pixels with its label, crop box, flip and RandAugment
     draws, exactly as if the batch had held that sample twice. The broken files are large and their crop
-    boxes do not fit the smaller substitutes."""
+    boxes do not fit the smaller substitutes. A batch of broken files only is an error."""
     root = tmp_path / "train"
     sizes = {"c0": (32, 28), "c1": (120, 100), "c2": (44, 52)}  # c1's files are the broken ones
     for seed, (name, (height, width)) in enumerate(sizes.items()):
@@ -128,13 +136,15 @@ def test_unreadable_jpeg_is_counted_and_replaced(tmp_path):
         substitute_h, substitute_w = sizes[f"c{items[substitute][1]}"]
         assert top + height > substitute_h or left + width > substitute_w
         assert not torch.equal(items[bad][2][4:], items[substitute][2][4:])  # and their other draws differ
-    images, targets = DeviceAugment(augment, dataset, "cpu")(*collate_encoded(items))
+    device_augment = DeviceAugment(augment, dataset, device)
+    images, targets = device_augment(*collate_encoded(items))
     assert dataset.num_bad_images == 2
-    expected_images, expected_targets = DeviceAugment(augment, dataset, "cpu")(
-        *collate_encoded([items[0], items[2], items[2], items[0]])
-    )
+    expected_images, expected_targets = device_augment(*collate_encoded([items[0], items[2], items[2], items[0]]))
     assert targets.tolist() == [0, 2, 2, 0] and torch.equal(targets, expected_targets)
     assert torch.equal(images, expected_images)
+    with pytest.raises(DataError, match="no image of a whole batch could be decoded"):
+        device_augment(*collate_encoded([items[1], items[3]]))
+    assert dataset.num_bad_images == 4
 
 
 @pytest.mark.parametrize(
