@@ -1,5 +1,5 @@
 """Data pipeline: ImageFolder datasets with layout checks and bad-image skipping, a resumable sampler, timm
-transforms/random erasing/Mixup, uint8 batches normalised on the device, and (device_augment) JPEG decoding and
+transforms/random erasing/Mixup, uint8 batches normalised on the device, and (device_augment, kat.data.gpu) JPEG decoding and
 augmentation on the device.
 The embedded demo set lives in data/demo/ (built by data/prepare_demo.py)."""
 
