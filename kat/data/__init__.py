@@ -1,6 +1,6 @@
 """Data pipeline: ImageFolder datasets with layout checks and bad-image skipping, a resumable sampler, timm
-transforms/random erasing/Mixup, uint8 batches normalised on the device, and (device_augment, kat.data.gpu) JPEG decoding and
-augmentation on the device.
+transforms/random erasing/Mixup, uint8 batches normalised on the device, and (device_augment: kat.data.gpu)
+JPEG decoding and augmentation on the device.
 The embedded demo set lives in data/demo/ (built by data/prepare_demo.py)."""
 
 from kat.data.dataset import (
