@@ -139,7 +139,8 @@ def test_unreadable_jpeg_is_counted_and_replaced(tmp_path, device):
     device_augment = DeviceAugment(augment, dataset, device)
     images, targets = device_augment(*collate_encoded(items))
     assert dataset.num_bad_images == 2
-    expected_images, expected_targets = device_augment(*collate_encoded([items[0], items[2], items[2], items[0]]))
+    twice = [items[0], items[2], items[2], items[0]]  # the batch as if it held the substitutes twice
+    expected_images, expected_targets = device_augment(*collate_encoded(twice))
     assert targets.tolist() == [0, 2, 2, 0] and torch.equal(targets, expected_targets)
     assert torch.equal(images, expected_images)
     with pytest.raises(DataError, match="no image of a whole batch could be decoded"):

@@ -1,6 +1,6 @@
-"""kat.data.gpu.rand_augment.BatchRandAugment against timm's own RandAugment ops on PIL images: every op of both
-op sets (exact; geometric ops within one level), batching (= one image at a time), the draws of sample(), the
-config parser and the argument checks."""
+"""kat.data.gpu.rand_augment.BatchRandAugment against timm's own RandAugment ops on PIL images: every op of
+both op sets (exact; geometric ops within one level), batching (= one image at a time), the draws of
+sample(), the config parser and the argument checks."""
 
 import math
 import random

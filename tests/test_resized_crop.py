@@ -1,5 +1,5 @@
-"""kat.data.gpu.resized_crop: the batched crop + resize + flip (Triton kernels through the interpreter, and the torch
-path) against PIL's crop().resize(), which is what timm's RandomResizedCrop computes: the same pixels."""
+"""kat.data.gpu.resized_crop: the batched crop + resize + flip (Triton kernels through the interpreter, and the
+torch path) against PIL's crop().resize(), which is what timm's RandomResizedCrop computes: the same pixels."""
 
 import numpy as np
 import pytest
@@ -14,7 +14,7 @@ from kat.data.gpu.resized_crop import CANVAS_PIXELS, _canvas_groups
 RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 IMPLEMENTATIONS = {
     "triton": lambda images, boxes, flips, size, interp: resized_crop_kernels.resized_crops_triton(
-        images, boxes, flips, size, interp, resized_crop.pil_runs_vertical_first(boxes[:, 2], boxes[:, 3], *size)
+        images, boxes, flips, size, interp, resized_crop.pil_runs_vertical_first(*boxes[:, 2:].T, *size)
     ),
     "torch": lambda images, boxes, flips, size, interp: torch.where(
         flips.view(-1, 1, 1, 1),

@@ -1,5 +1,6 @@
-"""DeviceAugment: one collated batch of encoded images -> decoded, cropped, flipped, RandAugmented uint8 images
-on the device; DeviceAugmentConfig: the settings and the worker-side draws; collate_encoded: the workers' batch.
+"""DeviceAugment: one collated batch of encoded images -> decoded, cropped, flipped, RandAugmented uint8
+images on the device; DeviceAugmentConfig: the settings and the worker-side draws; collate_encoded: the
+workers' batch.
 
 Files that are not JPEG (PNG, ...) are decoded by the worker (PIL) and only augmented on the device. A file
 that cannot be decoded is counted as a bad image and its whole sample replaced by another of the batch (its
@@ -121,12 +122,13 @@ class DeviceAugment:
 
 
 def _substitute_undecodable(images: list, targets: torch.Tensor, params: torch.Tensor):
-    """(images, targets, params) with each undecodable sample (image None) replaced by the next decodable one of
-    the batch, cyclically: its pixels with its label and its crop box, flip and RandAugment draws (a box drawn
-    from another file's header may not fit these pixels), so batches keep their size, as the CPU path's."""
+    """(images, targets, params) with each undecodable sample (image None) replaced by the next decodable
+    one of the batch, cyclically: its pixels with its label and its crop box, flip and RandAugment draws (a
+    box drawn from another file's header may not fit these pixels), so batches keep their size, as the CPU
+    path's."""
     good = [i for i, image in enumerate(images) if image is not None]
     if not good:
         raise DataError("no image of a whole batch could be decoded; the data looks damaged")
-    source = [i if images[i] is not None else next((j for j in good if j > i), good[0]) for i in range(len(images))]
+    source = [i if image is not None else next((j for j in good if j > i), good[0]) for i, image in enumerate(images)]
     index = torch.tensor(source)
     return [images[i] for i in source], targets[index], params[index]

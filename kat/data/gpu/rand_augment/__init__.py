@@ -52,7 +52,14 @@ from kat.triton_utils import HAS_TRITON
 if HAS_TRITON:
     from kat.data.gpu.rand_augment.kernels import apply_kernels
 
-__all__ = ["NEGATED", "RAND_INCREASING_TRANSFORMS", "RAND_TRANSFORMS", "BatchRandAugment", "Kind", "LayerArguments"]
+__all__ = [
+    "NEGATED",
+    "RAND_INCREASING_TRANSFORMS",
+    "RAND_TRANSFORMS",
+    "BatchRandAugment",
+    "Kind",
+    "LayerArguments",
+]
 
 
 class BatchRandAugment(RandAugmentPolicy):

@@ -31,12 +31,17 @@ class LayerArguments(NamedTuple):
 
 
 def layer_arguments(
-    draws: torch.Tensor, ops: tuple[str, ...], kinds: np.ndarray, translate_pct: float, height: int, width: int
+    draws: torch.Tensor,
+    ops: tuple[str, ...],
+    kinds: np.ndarray,
+    translate_pct: float,
+    height: int,
+    width: int,
 ) -> LayerArguments:
     """One layer's draws [B, 3] (op, magnitude, sign; float64 on the host) as per-image op arguments for
-    images of height x width, with timm's level_to_arg arithmetic in float64, as Python computes it; `kinds`:
-    the Kind of op index + 1 (at 0: the skipped op -1's). In numpy, not torch ops: a CPU torch op's dispatch costs far more
-    host time than numpy's on these small arrays."""
+    images of height x width, with timm's level_to_arg arithmetic in float64, as Python computes it;
+    `kinds`: the Kind of op index + 1 (at 0: the skipped op -1's). In numpy, not torch ops: a CPU torch op's
+    dispatch costs far more host time than numpy's on these small arrays."""
     draws = draws.numpy()
     op, level, sign = draws[:, 0].astype(np.int64), draws[:, 1], draws[:, 2]
     frac = level / LEVEL_DENOM

@@ -1,5 +1,5 @@
-"""Triton kernels of RandAugment and their launcher (`apply_kernels`: kat.data.gpu.rand_augment's path for CUDA
-tensors).
+"""Triton kernels of RandAugment and their launcher (`apply_kernels`: kat.data.gpu.rand_augment's path for
+CUDA tensors).
 
 Per layer one kernel in which a program applies one image's op to a block of its pixels, branching on the op's
 kind: its lookup table, a blend with a degenerate image (grayscale, its mean, black, the SMOOTH filter), the
@@ -229,7 +229,9 @@ def _rand_augment_kernel(
             tl.store(dst + c * plane + pixel, tl.load(src + c * plane + pixel, mask=valid, other=0), mask=valid)
 
 
-def apply_kernels(images: torch.Tensor, layers: list[LayerArguments], fill: tuple, interpolation: str) -> torch.Tensor:
+def apply_kernels(
+    images: torch.Tensor, layers: list[LayerArguments], fill: tuple, interpolation: str
+) -> torch.Tensor:
     """The layers on uint8 [B, 3, H, W] images with these kernels: per layer one pass over the batch (each
     image its own op, out of place), plus, when an image's op needs them, one over its pixels for the
     histograms or grayscale sum and one small kernel for the histogram tables; a fraction of the tensor ops'

@@ -18,7 +18,9 @@ _FAMILIES = (
 L24 = (19595, 38470, 7471)  # PIL's RGB -> L: (R * 19595 + G * 38470 + B * 7471 + 0x8000) >> 16
 
 
-def apply_tensor_ops(images: torch.Tensor, layers: list[LayerArguments], fill: tuple, interpolation: str) -> torch.Tensor:
+def apply_tensor_ops(
+    images: torch.Tensor, layers: list[LayerArguments], fill: tuple, interpolation: str
+) -> torch.Tensor:
     """The layers on uint8 [B, 3, H, W] images (out of place): per layer, the images grouped by the family of
     their op, each family one batched computation (never a Python loop over images)."""
     geometric = functools.partial(_geometric, fill=fill, interpolation=interpolation)
@@ -78,7 +80,9 @@ def _enhance(images: torch.Tensor, arguments: LayerArguments) -> torch.Tensor:
     return blended.clamp_(0, 255).to(torch.uint8)
 
 
-def _geometric(images: torch.Tensor, arguments: LayerArguments, fill: tuple, interpolation: str) -> torch.Tensor:
+def _geometric(
+    images: torch.Tensor, arguments: LayerArguments, fill: tuple, interpolation: str
+) -> torch.Tensor:
     """PIL's Image.transform(AFFINE) with per-image matrices (output pixel centre -> input point)."""
     matrix = arguments.matrix.to(images.device, non_blocking=True)
     return _affine(images, matrix, fill, interpolation)
