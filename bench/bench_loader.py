@@ -33,8 +33,8 @@ from kat.data import (  # noqa: E402
     build_transforms,
     collate_encoded,
 )
-from kat.data.device_augment import CROP, FLIP  # noqa: E402
-from kat.data.resized_crop import resized_crops  # noqa: E402
+from kat.data.gpu.augment import CROP, FLIP  # noqa: E402
+from kat.data.gpu.resized_crop import resized_crops  # noqa: E402
 from kat.training.config import parse_config  # noqa: E402
 
 

@@ -13,6 +13,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torch.utils.data import DataLoader
 
 from kat.data import (
+    DataError,
     DeviceAugment,
     DeviceAugmentConfig,
     DeviceLoader,
@@ -75,7 +76,7 @@ def test_device_augment_is_timms_crop_and_resize(folder, interpolation):
     augment = config("--hflip", "0", "--train_interpolation", interpolation)
     dataset = EncodedImageFolderDataset(folder, augment.draw_params)
     resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[interpolation]
-    for seed in range(2):  # kat.data.resized_crop's own tests cover more crops
+    for seed in range(2):  # kat.data.gpu.resized_crop's own tests cover more crops
         random.seed(seed)
         batch = batch_of(dataset, range(len(dataset)))
         *_, targets, params, samples = batch
@@ -86,7 +87,7 @@ def test_device_augment_is_timms_crop_and_resize(folder, interpolation):
             top, left, h, w = box
             with Image.open(dataset.samples[sample][0]) as pil:
                 expected = pil.convert("RGB").crop((left, top, left + w, top + h)).resize((24, 24), resample)
-            # the same decoder (libjpeg-turbo) and PIL's resize arithmetic (kat.data.resized_crop)
+            # the same decoder (libjpeg-turbo) and PIL's resize arithmetic (kat.data.gpu.resized_crop)
             assert torch.equal(image.permute(1, 2, 0), torch.from_numpy(np.array(expected)))
 
 
@@ -100,19 +101,51 @@ def test_flip_is_drawn_per_image(folder):
     assert torch.equal(images["1"], images["0"].flip(-1))
 
 
-def test_unreadable_jpeg_is_counted_and_replaced(tmp_path, folder):
-    """A truncated JPEG passes the worker's header check, fails decoding on the device: it is counted as a bad
-    image and replaced by another image of the batch, which keeps its size."""
+CUDA = pytest.param(
+    "cuda",
+    marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_unreadable_jpeg_is_counted_and_replaced(tmp_path, device):
+    """A truncated JPEG passes the worker's header check (its crop box is drawn from its header) and fails
+    decoding on the device: it is counted as a bad image, and its whole sample is replaced by the next
+    decodable one of the batch (cyclically): that one's pixels with its label, crop box, flip and RandAugment
+    draws, exactly as if the batch had held that sample twice. The broken files are large and their crop
+    boxes do not fit the smaller substitutes. A batch of broken files only is an error."""
     root = tmp_path / "train"
-    (root / "c0").mkdir(parents=True)
-    good = io.BytesIO()
-    photo(5, 40, 40).save(good, format="JPEG")
-    (root / "c0" / "a.jpg").write_bytes(good.getvalue())
-    (root / "c0" / "b.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
-    augment = config()
+    sizes = {"c0": (32, 28), "c1": (120, 100), "c2": (44, 52)}  # c1's files are the broken ones
+    for seed, (name, (height, width)) in enumerate(sizes.items()):
+        (root / name).mkdir(parents=True)
+        encoded = io.BytesIO()
+        photo(seed, height, width).save(encoded, format="JPEG", quality=92)
+        data = encoded.getvalue()
+        truncated = {"a.jpg": data[: len(data) // 2], "b.jpg": data[: len(data) // 3]}
+        files = truncated if name == "c1" else {"a.jpg": data}
+        for file, content in files.items():
+            (root / name / file).write_bytes(content)
+    augment = config("--hflip", "0.5", "--scale", "[0.9, 1.0]", "--aa", "rand-m9-mstd0.5-p1")
     dataset = EncodedImageFolderDataset(root, augment.draw_params)
-    images, _ = DeviceAugment(augment, dataset, "cpu")(*batch_of(dataset, [0, 1]))
-    assert images.shape[0] == 2 and dataset.num_bad_images == 1
+    order = [0, 1, 3, 2]  # c0 small, c1 broken, c2 medium, c1 broken: replaced by c2's and (cyclically) c0's
+    assert [dataset.samples[i][1] for i in order] == [0, 1, 2, 1]
+    random.seed(0)
+    items = [dataset[i] for i in order]
+    for bad, substitute in ((1, 2), (3, 0)):  # the broken files' boxes do not fit their substitutes' pixels
+        top, left, height, width = items[bad][2][:4].long().tolist()
+        substitute_h, substitute_w = sizes[f"c{items[substitute][1]}"]
+        assert top + height > substitute_h or left + width > substitute_w
+        assert not torch.equal(items[bad][2][4:], items[substitute][2][4:])  # and their other draws differ
+    device_augment = DeviceAugment(augment, dataset, device)
+    images, targets = device_augment(*collate_encoded(items))
+    assert dataset.num_bad_images == 2
+    twice = [items[0], items[2], items[2], items[0]]  # the batch as if it held the substitutes twice
+    expected_images, expected_targets = device_augment(*collate_encoded(twice))
+    assert targets.tolist() == [0, 2, 2, 0] and torch.equal(targets, expected_targets)
+    assert torch.equal(images, expected_images)
+    with pytest.raises(DataError, match="no image of a whole batch could be decoded"):
+        device_augment(*collate_encoded([items[1], items[3]]))
+    assert dataset.num_bad_images == 4
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
-"""kat.data.rand_augment.BatchRandAugment against timm's own RandAugment ops on PIL images: every op of both
-op sets (exact; geometric ops within one level), batching (= one image at a time), the draws of sample(), the
-config parser and the argument checks."""
+"""kat.data.gpu.rand_augment.BatchRandAugment against timm's own RandAugment ops on PIL images: every op of
+both op sets (exact; geometric ops within one level), batching (= one image at a time), the draws of
+sample(), the config parser and the argument checks."""
 
 import math
 import random
@@ -12,14 +12,14 @@ from devices import needs_interpreter
 from PIL import Image
 from timm.data.auto_augment import AugmentOp
 
-from kat.data.rand_augment import (
+from kat.data.gpu.rand_augment import (
     NEGATED,
     RAND_INCREASING_TRANSFORMS,
     RAND_TRANSFORMS,
     BatchRandAugment,
     Kind,
-    apply_kernels,
 )
+from kat.data.gpu.rand_augment.kernels import apply_kernels
 
 FILL = (124, 116, 104)
 GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")

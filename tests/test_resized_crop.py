@@ -1,5 +1,5 @@
-"""kat.data.resized_crop: the batched crop + resize + flip (Triton kernels through the interpreter, and the torch
-path) against PIL's crop().resize(), which is what timm's RandomResizedCrop computes: the same pixels."""
+"""kat.data.gpu.resized_crop: the batched crop + resize + flip (Triton kernels through the interpreter, and the
+torch path) against PIL's crop().resize(), which is what timm's RandomResizedCrop computes: the same pixels."""
 
 import numpy as np
 import pytest
@@ -8,18 +8,18 @@ from devices import needs_interpreter
 from photos import photo_pixels
 from PIL import Image
 
-from kat.data import resized_crop
-from kat.data.resized_crop import CANVAS_PIXELS, _canvas_groups
+from kat.data.gpu import resized_crop, resized_crop_kernels
+from kat.data.gpu.resized_crop import CANVAS_PIXELS, _canvas_groups
 
 RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 IMPLEMENTATIONS = {
-    "triton": lambda images, boxes, flips, size, interp: resized_crop._resized_crops_triton(
-        images, boxes, flips, size, interp
+    "triton": lambda images, boxes, flips, size, interp: resized_crop_kernels.resized_crops_triton(
+        images, boxes, flips, size, interp, resized_crop.pil_runs_vertical_first(*boxes[:, 2:].T, *size)
     ),
     "torch": lambda images, boxes, flips, size, interp: torch.where(
         flips.view(-1, 1, 1, 1),
-        resized_crop._resized_crops_torch(images, boxes, size, interp).flip(-1),
-        resized_crop._resized_crops_torch(images, boxes, size, interp),
+        resized_crop.resized_crops_torch(images, boxes, size, interp).flip(-1),
+        resized_crop.resized_crops_torch(images, boxes, size, interp),
     ),
 }
 
@@ -89,7 +89,7 @@ def test_resized_crops_runs_the_torch_path_on_a_cpu():
         resized_crop.resized_crops(images, boxes[:6], flips, (8, 8), "bilinear")
     with pytest.raises(ValueError, match="crops of 2688000000 bytes after the first pass in one batch"):
         huge = torch.tensor([[0, 0, 4_000_000, 4_000_000]])  # checked before any pixel is read
-        resized_crop._resized_crops_triton(images[:1], huge, flips[:1], (224, 224), "bilinear")
+        IMPLEMENTATIONS["triton"](images[:1], huge, flips[:1], (224, 224), "bilinear")
 
 
 def test_crops_of_very_different_sizes_share_no_canvas():

@@ -1,6 +1,6 @@
 """Data pipeline: ImageFolder datasets with layout checks and bad-image skipping, a resumable sampler, timm
-transforms/random erasing/Mixup, uint8 batches normalised on the device, and (device_augment) JPEG decoding and
-augmentation on the device.
+transforms/random erasing/Mixup, uint8 batches normalised on the device, and (device_augment: kat.data.gpu)
+JPEG decoding and augmentation on the device.
 The embedded demo set lives in data/demo/ (built by data/prepare_demo.py)."""
 
 from kat.data.dataset import (
@@ -11,7 +11,7 @@ from kat.data.dataset import (
     check_layout,
 )
 from kat.data.device import DeviceLoader
-from kat.data.device_augment import DeviceAugment, DeviceAugmentConfig, collate_encoded
+from kat.data.gpu import DeviceAugment, DeviceAugmentConfig, collate_encoded
 from kat.data.sampler import ResumableSampler
 from kat.data.transforms import (
     build_mixup,

@@ -235,7 +235,7 @@ class ImageFolderDataset(ImageFolder):
 
 class EncodedImageFolderDataset(ImageFolderDataset):
     """Items are (the file's JPEG bytes as uint8 [n], or for other formats the decoded uint8 [3, H, W]; target;
-    float32 params; sample index) for decoding and augmentation on the device (kat.data.device_augment).
+    float32 params; sample index) for decoding and augmentation on the device (kat.data.gpu).
 
     Only the header is parsed here: `draw_params(image)` draws the item's random augmentation parameters
     (crop box, flip, ...) from the header-only PIL image, in this worker, with its seeded RNG.

@@ -104,7 +104,7 @@ class TrainConfig:
     train_interpolation: str = _doc("train resize interpolation", "bicubic")
     device_augment: bool = _doc(
         "decode train JPEGs (nvJPEG) and crop/flip/RandAugment them on the training device, not in the loader "
-        "workers: for hosts whose CPUs cannot keep the GPU busy (kat/data/device_augment.py)",
+        "workers: for hosts whose CPUs cannot keep the GPU busy (kat/data/gpu/)",
         False,
     )
     reprob: float = _doc("random erasing probability", 0.25)

@@ -1,180 +1,25 @@
-"""Triton kernels of the device augmentation (device_augment: true on CUDA).
+"""Triton kernels of RandAugment and their launcher (`apply_kernels`: kat.data.gpu.rand_augment's path for
+CUDA tensors).
 
-Crop + resize + flip (kat.data.resized_crop's fast path): PIL's separable resize of each image's crop, read
-straight from the decoded images where they lie (a table of their addresses: no padding, no copies). Pillow
-rounds to uint8 between its two passes, and Pillow 13 runs the vertical one first for some images
-(kat.data.resized_crop.pil_runs_vertical_first); each image takes the installed Pillow's order here too.
-  first pass:  a grid of (row blocks, images, channels); horizontal first: BLOCK_R rows of the crop resampled
-               to the output width; vertical first: BLOCK_R output rows, resampled from the crop's columns (in
-               chunks of BLOCK_W). Stored as uint8 in a packed buffer, image b's [3, rows, width] block at
-               its offset;
-  second pass: a grid of (output-row blocks, images, channels); the other axis, then the columns of flipped
-               images mirrored, stored as uint8 [B, 3, out_h, out_w].
-Each output pixel weighs the source pixels its filter covers with PIL's own arithmetic, computed on the fly:
-float64 weights in PIL's expressions and order, normalised, rounded to 22-bit fixed point, integer sums
-(Resample.c's 8-bit path). The pixels equal PIL's (tests/test_resized_crop.py); the kernels are launched
-without fused multiply-adds, which PIL's x86-64 build does not use either.
-
-RandAugment (kat.data.rand_augment's CUDA path, `apply_kernels`): per layer one kernel in which a program
-applies one image's op to a block of its pixels, branching on the op's kind: its lookup table, a blend with a
-degenerate image (grayscale, its mean, black, the SMOOTH filter), the affine warp (Rotate, Shear, Translate:
-input point in float64, tap weights cast to float32, float32 sums, as rand_augment._affine), or a copy. Images
-whose op needs statistics get them first from two small kernels (histograms and grayscale sums with integer
-atomics, then AutoContrast's and Equalize's tables). The same arithmetic as the tensor ops, which equal PIL's
+Per layer one kernel in which a program applies one image's op to a block of its pixels, branching on the op's
+kind: its lookup table, a blend with a degenerate image (grayscale, its mean, black, the SMOOTH filter), the
+affine warp (Rotate, Shear, Translate: input point in float64, tap weights cast to float32, float32 sums, as
+reference._affine), or a copy. Images whose op needs statistics get them first from two small kernels
+(histograms and grayscale sums with integer atomics, then AutoContrast's and Equalize's tables). The same
+arithmetic as the tensor ops (kat.data.gpu.rand_augment.reference), which equal PIL's
 (tests/test_rand_augment.py), in one pass over the batch per layer instead of one per tensor op.
 """
 
+import torch
 import triton
 import triton.language as tl
 
-from kat.data.rand_augment import Kind
+from kat.data.gpu.rand_augment.arguments import TRUNCATE_SLACK, LayerArguments
+from kat.data.gpu.rand_augment.policy import Kind
+from kat.triton_utils import cdiv, device_guard
 
-try:  # triton >= 3.0
-    from triton.runtime.interpreter import InterpretedFunction
-except ImportError:  # pragma: no cover
-    InterpretedFunction = ()
-
-BLOCK_R = 8  # rows per program (both passes)
-# per-image int32 metadata [B, META]: source height, width, crop top, left, height, width, offset of the
-# image's block in the first pass' buffer, flip, vertical first
-META = 9
-
-
-@triton.jit
-def _pil_filter(x, BICUBIC: tl.constexpr):
-    """PIL's kernels (float64, its expressions): bicubic with a = -0.5 (support 2), bilinear = triangle."""
-    x = tl.abs(x)
-    if BICUBIC:
-        near = (1.5 * x - 2.5) * x * x + 1.0
-        far = (((x - 5.0) * x + 8.0) * x - 4.0) * -0.5
-        return tl.where(x < 1.0, near, tl.where(x < 2.0, far, 0.0))
-    else:
-        return tl.where(x < 1.0, 1.0 - x, 0.0)
-
-
-@triton.jit
-def _window(out_index, in_size, out_size, SUPPORT: tl.constexpr):
-    """PIL's precompute_coeffs for output pixels `out_index`: (centre, first source pixel, end, 1 / filter
-    scale, taps), in float64 as PIL computes them."""
-    scale = in_size.to(tl.float64) / out_size
-    filter_scale = tl.maximum(scale, 1.0)  # > 1 when shrinking: the filter widens (antialiasing)
-    support = SUPPORT * filter_scale
-    centre = (out_index.to(tl.float64) + 0.5) * scale
-    first = tl.maximum((centre - support + 0.5).to(tl.int32), 0)  # C's (int): truncation
-    end = tl.minimum((centre + support + 0.5).to(tl.int32), in_size)
-    taps = 2 * tl.ceil(support).to(tl.int32) + 1  # PIL's ksize: >= end - first for every output pixel
-    return centre, first, end, 1.0 / filter_scale, taps
-
-
-@triton.jit
-def _weight(k, centre, end, inverse_scale, BICUBIC: tl.constexpr):
-    """Unnormalised float64 weight of source pixel k (0 outside the window)."""
-    return tl.where(k < end, _pil_filter((k.to(tl.float64) - centre + 0.5) * inverse_scale, BICUBIC), 0.0)
-
-
-@triton.jit
-def _fixed_point(weight, total):
-    """PIL's normalised coefficient in 22-bit fixed point (normalize_coeffs_8bpc: rounded away from zero)."""
-    scaled = weight / total * 4194304.0
-    return tl.where(scaled < 0, scaled - 0.5, scaled + 0.5).to(tl.int32)
-
-
-@triton.jit
-def _clip8(acc):
-    """PIL's clip8: the fixed-point sum (started at one half) shifted down and clipped to 0..255."""
-    return tl.minimum(tl.maximum(acc >> 22, 0), 255).to(tl.uint8)
-
-
-@triton.jit
-def _resample_rows(row_start, row_ok, in_size, out_size, SUPPORT: tl.constexpr, BICUBIC: tl.constexpr,
-                   BLOCK_W: tl.constexpr):  # fmt: skip
-    """Horizontal pass: rows (pointers to their first pixel, [BLOCK_R]) of in_size pixels -> [BLOCK_R, BLOCK_W]
-    uint8, columns >= out_size unused."""
-    ox = tl.arange(0, BLOCK_W)
-    col_ok = ox < out_size
-    centre, first, end, inverse_scale, taps = _window(ox, in_size, out_size, SUPPORT)
-    total = tl.zeros((BLOCK_W,), dtype=tl.float64)
-    for t in range(0, taps):  # PIL's normaliser: the weights' sum, in its order
-        total += _weight(first + t, centre, end, inverse_scale, BICUBIC)
-    total = tl.where(col_ok, total, 1.0)
-    acc = tl.full((row_start.shape[0], BLOCK_W), 1 << 21, dtype=tl.int32)
-    for t in range(0, taps):
-        k = first + t  # [BLOCK_W] source column
-        weight = _fixed_point(_weight(k, centre, end, inverse_scale, BICUBIC), total)
-        pixels = tl.load(row_start[:, None] + k[None, :], mask=row_ok[:, None] & (col_ok & (k < end))[None, :],
-                         other=0)  # fmt: skip
-        acc += pixels.to(tl.int32) * weight[None, :]
-    return _clip8(acc)
-
-
-@triton.jit
-def _resample_columns(src, row_stride, columns, col_ok, oy, in_size, out_size, SUPPORT: tl.constexpr,
-                      BICUBIC: tl.constexpr):  # fmt: skip
-    """Vertical pass: output rows oy [BLOCK_R] of columns [BLOCK_W] from in_size source rows (src: first row,
-    row_stride apart) -> [BLOCK_R, BLOCK_W] uint8."""
-    row_ok = oy < out_size
-    centre, first, end, inverse_scale, taps = _window(oy, in_size, out_size, SUPPORT)
-    total = tl.zeros((oy.shape[0],), dtype=tl.float64)
-    for t in range(0, taps):
-        total += _weight(first + t, centre, end, inverse_scale, BICUBIC)
-    total = tl.where(row_ok, total, 1.0)
-    acc = tl.full((oy.shape[0], columns.shape[0]), 1 << 21, dtype=tl.int32)
-    for t in range(0, taps):
-        k = first + t  # [BLOCK_R] source row
-        weight = _fixed_point(_weight(k, centre, end, inverse_scale, BICUBIC), total)
-        pointers = src + k.to(tl.int64)[:, None] * row_stride + columns[None, :]
-        pixels = tl.load(pointers, mask=(row_ok & (k < end))[:, None] & col_ok[None, :], other=0)
-        acc += pixels.to(tl.int32) * weight[:, None]
-    return _clip8(acc)
-
-
-@triton.jit
-def _first_pass_kernel(
-    images_ptr, meta_ptr, buffer_ptr, out_h, out_w,
-    SUPPORT: tl.constexpr, BICUBIC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, META: tl.constexpr,
-):  # fmt: skip
-    b, c = tl.program_id(1), tl.program_id(2)
-    meta = meta_ptr + b * META
-    height, width = tl.load(meta + 0), tl.load(meta + 1)
-    crop_h, crop_w, offset = tl.load(meta + 4), tl.load(meta + 5), tl.load(meta + 6).to(tl.int64)
-    image = tl.load(images_ptr + b).to(tl.pointer_type(tl.uint8))  # image b: uint8 [3, height, width]
-    crop = image + c * height * width + tl.load(meta + 2).to(tl.int64) * width + tl.load(meta + 3)
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    if tl.load(meta + 8) == 0:  # horizontal first: crop rows r -> [3, crop_h, out_w] block
-        row_ok = r < crop_h
-        out = _resample_rows(crop + r.to(tl.int64) * width, row_ok, crop_w, out_w, SUPPORT, BICUBIC, BLOCK_W)
-        ox = tl.arange(0, BLOCK_W)
-        dst = buffer_ptr + offset + (c * crop_h + r).to(tl.int64)[:, None] * out_w + ox[None, :]
-        tl.store(dst, out, mask=row_ok[:, None] & (ox < out_w)[None, :])
-    else:  # vertical first: output rows r from the crop's columns -> [3, out_h, crop_w] block
-        for col0 in range(0, crop_w, BLOCK_W):
-            columns = col0 + tl.arange(0, BLOCK_W)
-            col_ok = columns < crop_w
-            out = _resample_columns(crop, width, columns, col_ok, r, crop_h, out_h, SUPPORT, BICUBIC)
-            dst = buffer_ptr + offset + (c * out_h + r).to(tl.int64)[:, None] * crop_w + columns[None, :]
-            tl.store(dst, out, mask=(r < out_h)[:, None] & col_ok[None, :])
-
-
-@triton.jit
-def _second_pass_kernel(
-    buffer_ptr, meta_ptr, out_ptr, out_h, out_w,
-    SUPPORT: tl.constexpr, BICUBIC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, META: tl.constexpr,
-):  # fmt: skip
-    b, c = tl.program_id(1), tl.program_id(2)
-    meta = meta_ptr + b * META
-    crop_h, crop_w, offset = tl.load(meta + 4), tl.load(meta + 5), tl.load(meta + 6).to(tl.int64)
-    oy = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    ox = tl.arange(0, BLOCK_W)
-    row_ok, col_ok = oy < out_h, ox < out_w
-    if tl.load(meta + 8) == 0:  # horizontal first: now the vertical pass over [crop_h, out_w]
-        block = buffer_ptr + offset + c.to(tl.int64) * crop_h * out_w
-        out = _resample_columns(block, out_w, ox, col_ok, oy, crop_h, out_h, SUPPORT, BICUBIC)
-    else:  # vertical first: now the horizontal pass over [out_h, crop_w]
-        block = buffer_ptr + offset + c.to(tl.int64) * out_h * crop_w
-        out = _resample_rows(block + oy.to(tl.int64) * crop_w, row_ok, crop_w, out_w, SUPPORT, BICUBIC, BLOCK_W)
-    column = tl.where(tl.load(meta + 7) != 0, out_w - 1 - ox, ox)  # flip
-    plane = ((b * 3 + c) * out_h + oy).to(tl.int64) * out_w  # [BLOCK_R]
-    tl.store(out_ptr + plane[:, None] + column[None, :], out, mask=row_ok[:, None] & col_ok[None, :])
+_APPLY_BLOCK = 256  # output pixels per program of the layer kernel
+_STATS_BLOCK = 1024  # pixels per program of the statistics kernel
 
 
 @triton.jit
@@ -230,7 +75,7 @@ def _affine_weight(d, tap: tl.constexpr, BICUBIC: tl.constexpr):
     return w.to(tl.float32)
 
 
-# RandAugment's per-image arguments (rand_augment.LayerArguments.packed): [B, ARGS] float64 rows of (op kind,
+# RandAugment's per-image arguments (arguments.LayerArguments.packed): [B, ARGS] float64 rows of (op kind,
 # enhance factor, affine matrix [6]); per-image statistics [B, STATS] int64: the three channels' histograms,
 # then the grayscale's sum.
 ARGS = tl.constexpr(8)
@@ -286,7 +131,7 @@ def _rand_augment_stats_kernel(images_ptr, args_ptr, stats_ptr, plane, BLOCK: tl
 @triton.jit
 def _histogram_lut_kernel(args_ptr, stats_ptr, luts_ptr):
     """AutoContrast's and Equalize's tables, uint8 [B, 3, 256], from the histograms: PIL's ImageOps arithmetic,
-    as rand_augment._autocontrast_luts and _equalize_luts compute it (launched without fused multiply-adds)."""
+    as reference._autocontrast_luts and _equalize_luts compute it (launched without fused multiply-adds)."""
     b, c = tl.program_id(0), tl.program_id(1)
     kind = tl.load(args_ptr + b * ARGS).to(tl.int32)
     ramp = tl.arange(0, 256)
@@ -339,7 +184,7 @@ def _rand_augment_kernel(
     fill_b, BICUBIC: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """One RandAugment layer: each image's own op on a block of its pixels, src -> dst (uint8 [B, 3, H, W]).
-    The op kinds, with PIL's arithmetic as kat.data.rand_augment's torch version computes it: a lookup table
+    The op kinds, with PIL's arithmetic as the tensor ops (reference) compute it: a lookup table
     (per image, or per channel from the histograms), a blend with a degenerate image (Color, Contrast,
     Brightness, Sharpness), the affine warp, or none (a copy)."""
     b = tl.program_id(1)
@@ -384,4 +229,39 @@ def _rand_augment_kernel(
             tl.store(dst + c * plane + pixel, tl.load(src + c * plane + pixel, mask=valid, other=0), mask=valid)
 
 
-INTERPRETED = isinstance(_first_pass_kernel, InterpretedFunction)
+def apply_kernels(
+    images: torch.Tensor, layers: list[LayerArguments], fill: tuple, interpolation: str
+) -> torch.Tensor:
+    """The layers on uint8 [B, 3, H, W] images with these kernels: per layer one pass over the batch (each
+    image its own op, out of place), plus, when an image's op needs them, one over its pixels for the
+    histograms or grayscale sum and one small kernel for the histogram tables; a fraction of the tensor ops'
+    host time on CUDA (docs/BENCHMARKS.md section 4). The arguments of all layers travel in two host-to-device
+    copies, from pinned memory."""
+    n, _, h, w = images.shape
+    device = images.device
+    arguments = torch.stack([layer.packed() for layer in layers])  # [L, B, 8]
+    luts = torch.stack([layer.lut for layer in layers])  # [L, B, 256]
+    if device.type == "cuda":  # non_blocking copies from pinned memory: the host does not wait for the stream
+        arguments, luts = arguments.pin_memory(), luts.pin_memory()
+    arguments = arguments.to(device, non_blocking=True)
+    luts = luts.to(device, non_blocking=True)
+    out = images.contiguous()
+    with device_guard(device):
+        for layer, (args, lut) in enumerate(zip(arguments, luts)):
+            kinds = set(layers[layer].kind.tolist())
+            if kinds == {Kind.IDENTITY}:
+                continue
+            stats = histogram_luts = lut  # placeholders the kernel does not read when no image needs them
+            if kinds & {Kind.AUTOCONTRAST, Kind.EQUALIZE, Kind.CONTRAST}:
+                stats = torch.zeros(n, STATS.value, dtype=torch.int64, device=device)
+                grid = (cdiv(h * w, _STATS_BLOCK), n)
+                _rand_augment_stats_kernel[grid](out, args, stats, h * w, BLOCK=_STATS_BLOCK)
+            if kinds & {Kind.AUTOCONTRAST, Kind.EQUALIZE}:
+                histogram_luts = torch.empty(n, 3, 256, dtype=torch.uint8, device=device)
+                _histogram_lut_kernel[(n, 3)](args, stats, histogram_luts, enable_fp_fusion=False)
+            src, out = out, torch.empty_like(out)
+            _rand_augment_kernel[(cdiv(h * w, _APPLY_BLOCK), n)](
+                src, out, args, lut, histogram_luts, stats, h, w, TRUNCATE_SLACK, *fill,
+                BICUBIC=interpolation == "bicubic", BLOCK=_APPLY_BLOCK, enable_fp_fusion=False,  # as the CPU: no FMA
+            )  # fmt: skip
+    return out if out is not images else images.clone()

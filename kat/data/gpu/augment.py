@@ -1,22 +1,10 @@
-"""JPEG decoding and the train augmentation on the training device (the `device_augment: true` option).
+"""DeviceAugment: one collated batch of encoded images -> decoded, cropped, flipped, RandAugmented uint8
+images on the device; DeviceAugmentConfig: the settings and the worker-side draws; collate_encoded: the
+workers' batch.
 
-Why: on the loader's CPUs, decoding a JPEG and running RandomResizedCrop + RandAugment on PIL costs 5-6 ms
-per image per core, so the 16 cores of our H200 host feed 2,300-3,500 images/s, a third to a half of what KAT-S
-trains at with CUDA graphs (docs/BENCHMARKS.md section 4). With this option the workers only read each file
-and draw its random parameters; the training process decodes the batch with nvJPEG and crops, flips and
-RandAugments it on the GPU (kat.data.DeviceLoader runs this on a background thread and a side stream): ~8 ms
-of one host thread per batch of 128 there (most of it nvJPEG's decoding), so the pipeline alone delivers
-14,000-16,000 images/s from 8 workers on our H200 hosts.
-
-  worker:  file bytes + (crop box, flip, RandAugment draws), drawn with timm's own samplers from the header size
-  device:  decode_jpeg(batch) -> crop + PIL's resize + flip (kat.data.resized_crop) -> BatchRandAugment -> uint8
-
-What differs from the CPU path (kat.data.build_transforms), deliberately: nvJPEG's IDCT rounds differently from
-libjpeg-turbo's, and the flip is drawn with Python's `random` instead of torch's. The crop's resize is PIL's own
-arithmetic (the same pixels: tests/test_resized_crop.py) and RandAugment reproduces PIL's (kat.data.rand_augment).
-The distributions of crops, flips and augmentations are timm's. Only the train split: evaluation keeps the CPU
-transforms.
-Files that are not JPEG (PNG, ...) are decoded by the worker (PIL) and only augmented on the device.
+Files that are not JPEG (PNG, ...) are decoded by the worker (PIL) and only augmented on the device. A file
+that cannot be decoded is counted as a bad image and its whole sample replaced by another of the batch (its
+pixels, label and augmentation parameters), as the CPU path's dataset replaces it by the next readable file.
 torchvision 0.29 deprecated its image decoders in favour of TorchCodec; decode_jpeg still works there.
 """
 
@@ -28,8 +16,8 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from kat.data.dataset import DataError, EncodedImageFolderDataset
-from kat.data.rand_augment import BatchRandAugment
-from kat.data.resized_crop import INTERPOLATIONS, resized_crops
+from kat.data.gpu.rand_augment import BatchRandAugment
+from kat.data.gpu.resized_crop import INTERPOLATIONS, resized_crops
 
 CROP = slice(0, 4)  # params columns: crop box (top, left, height, width), then flip, then RandAugment's draws
 FLIP = 4
@@ -98,6 +86,8 @@ class DeviceAugment:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # params stay on the host: they pick the crops' slices and RandAugment's op groups
         images = self._decode(buffer, lengths, decoded, samples)
+        if any(image is None for image in images):
+            images, targets, params = _substitute_undecodable(images, targets, params)
         batch = resized_crops(
             images, params[:, CROP].long(), params[:, FLIP].bool(), self.config.size, self.config.interpolation
         )
@@ -105,8 +95,9 @@ class DeviceAugment:
             batch = self.config.rand_augment(batch, params[:, FLIP + 1 :].view(len(batch), -1, 3))
         return batch, targets.to(self.device, non_blocking=True)
 
-    def _decode(self, buffer, lengths, decoded, samples) -> list[torch.Tensor]:
-        """uint8 [3, H, W] images on the device; the JPEGs in one nvJPEG call (on a CUDA device)."""
+    def _decode(self, buffer, lengths, decoded, samples) -> list[torch.Tensor | None]:
+        """uint8 [3, H, W] images on the device, None where a file cannot be decoded; the JPEGs in one nvJPEG
+        call (on a CUDA device)."""
         is_jpeg = (lengths > 0).tolist()
         jpegs = list(buffer.split([n for n in lengths.tolist() if n > 0]))
         others = iter(decoded)
@@ -119,10 +110,7 @@ class DeviceAugment:
                 results = [self._decode_one(jpeg, int(samples[i])) for i, jpeg in zip(where, jpegs)]
             for i, image in zip(where, results):
                 images[i] = image
-        good = [image for image in images if image is not None]
-        if not good:
-            raise DataError("no image of a whole batch could be decoded; the data looks damaged")
-        return [image if image is not None else good[0] for image in images]  # a bad one: repeat a good one
+        return images
 
     def _decode_one(self, jpeg: torch.Tensor, sample: int) -> torch.Tensor | None:
         """One JPEG on the CPU (libjpeg-turbo also reads what nvJPEG refuses, e.g. CMYK); None if unreadable."""
@@ -131,3 +119,16 @@ class DeviceAugment:
         except RuntimeError as error:
             self.dataset.count_bad_image(sample, error)
             return None
+
+
+def _substitute_undecodable(images: list, targets: torch.Tensor, params: torch.Tensor):
+    """(images, targets, params) with each undecodable sample (image None) replaced by the next decodable
+    one of the batch, cyclically: its pixels with its label and its crop box, flip and RandAugment draws (a
+    box drawn from another file's header may not fit these pixels), so batches keep their size, as the CPU
+    path's."""
+    good = [i for i, image in enumerate(images) if image is not None]
+    if not good:
+        raise DataError("no image of a whole batch could be decoded; the data looks damaged")
+    source = [i if image is not None else next((j for j in good if j > i), good[0]) for i, image in enumerate(images)]
+    index = torch.tensor(source)
+    return [images[i] for i in source], targets[index], params[index]

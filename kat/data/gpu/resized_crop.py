@@ -3,18 +3,21 @@
 The function is PIL's `image.crop(box).resize(size, BICUBIC | BILINEAR)` (what timm's RandomResizedCrop does),
 per image: a separable antialiased resize, one pass rounded to uint8, then the other, in the installed
 Pillow's order (`pil_runs_vertical_first`). Two implementations:
-  triton: CUDA tensors: kat.data.kernels, two kernel launches per batch that read the decoded
-          images in place; the host work per batch is a table of addresses and one small metadata copy (0.6
-          ms per batch of 128 on an H200 host, against 7 ms for the torch path: docs/BENCHMARKS.md section 4);
-  torch:  other devices: the crops zero-padded into a few canvases and resampled by two batched integer
-          matmuls with per-image fixed-point weight matrices. The tests run the kernels on the CPU through the Triton interpreter
-          (TRITON_INTERPRET=1) and check both against PIL.
+  triton: CUDA tensors: kat.data.gpu.resized_crop_kernels, two launches per batch that read the decoded images
+          in place (its host cost against this module's torch path: docs/BENCHMARKS.md section 4);
+  torch:  other devices, and the reference: the crops zero-padded into a few canvases and resampled by two
+          batched integer matmuls with per-image fixed-point weight matrices.
+The tests run the kernels on the CPU through the Triton interpreter (TRITON_INTERPRET=1) and check both
+against PIL.
 """
 
 import PIL
 import torch
 
-from kat.rational.op import HAS_TRITON
+from kat.triton_utils import HAS_TRITON
+
+if HAS_TRITON:
+    from kat.data.gpu.resized_crop_kernels import resized_crops_triton
 
 INTERPOLATIONS = ("bilinear", "bicubic")
 _PILLOW_MAJOR = int(PIL.__version__.split(".")[0])
@@ -31,52 +34,11 @@ def resized_crops(
         raise ValueError(f"{len(images)} images, {len(boxes)} boxes and {len(flips)} flips: give one of each per image")
     device = images[0].device
     if device.type == "cuda" and HAS_TRITON:
-        return _resized_crops_triton(images, boxes, flips, size, interpolation)
-    batch = _resized_crops_torch(images, boxes, size, interpolation)
+        vertical_first = pil_runs_vertical_first(boxes[:, 2], boxes[:, 3], *size)
+        return resized_crops_triton(images, boxes, flips, size, interpolation, vertical_first)
+    batch = resized_crops_torch(images, boxes, size, interpolation)
     flip = flips.view(-1, 1, 1, 1).to(device, non_blocking=True)
     return torch.where(flip, batch.flip(-1), batch)
-
-
-def _resized_crops_triton(images, boxes, flips, size, interpolation) -> torch.Tensor:
-    import triton
-
-    from kat.data import kernels
-    from kat.rational.kernels import cdiv, device_guard
-
-    out_h, out_w = size
-    device = images[0].device
-    crop_h, crop_w = boxes[:, 2], boxes[:, 3]
-    vertical_first = pil_runs_vertical_first(crop_h, crop_w, out_h, out_w)
-    first_rows = torch.where(vertical_first, out_h, crop_h)  # rows of the first pass' output
-    sizes = 3 * first_rows * torch.where(vertical_first, crop_w, out_w)  # its [3, rows, width] block
-    buffer_bytes = int(sizes.sum())
-    if buffer_bytes >= 2**31:  # the kernels' int32 offsets
-        raise ValueError(f"crops of {buffer_bytes} bytes after the first pass in one batch; use smaller batches")
-    meta = torch.stack(  # [B, META]: the kernels' per-image metadata
-        [torch.tensor([image.shape[1] for image in images]), torch.tensor([image.shape[2] for image in images]),
-         boxes[:, 0], boxes[:, 1], crop_h, crop_w, torch.cumsum(sizes, 0) - sizes, flips.long(),
-         vertical_first.long()], dim=1,
-    ).to(device=device, dtype=torch.int32, non_blocking=True)  # fmt: skip
-    # The kernels read image b at its address: contiguous uint8 [3, H, W], alive until they have run (the
-    # list holds them; the caching allocator orders their reuse after this stream's kernels).
-    images = [image.contiguous() for image in images]
-    addresses = torch.tensor([image.data_ptr() for image in images], dtype=torch.int64).to(device, non_blocking=True)
-    buffer = torch.empty(buffer_bytes, dtype=torch.uint8, device=device)
-    batch = torch.empty(len(images), 3, out_h, out_w, dtype=torch.uint8, device=device)
-    constants = {
-        "SUPPORT": 2.0 if interpolation == "bicubic" else 1.0,
-        "BICUBIC": interpolation == "bicubic",
-        "BLOCK_R": kernels.BLOCK_R,
-        "BLOCK_W": triton.next_power_of_2(out_w),
-        "META": kernels.META,
-        "enable_fp_fusion": False,  # PIL's float64 weights to the last bit: no fused multiply-adds
-    }
-    with device_guard(device):
-        grid = (cdiv(int(first_rows.max()), kernels.BLOCK_R), len(images), 3)
-        kernels._first_pass_kernel[grid](addresses, meta, buffer, out_h, out_w, **constants)
-        grid = (cdiv(out_h, kernels.BLOCK_R), len(images), 3)
-        kernels._second_pass_kernel[grid](buffer, meta, batch, out_h, out_w, **constants)
-    return batch
 
 
 def pil_runs_vertical_first(crop_h: torch.Tensor, crop_w: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
@@ -92,7 +54,7 @@ def pil_runs_vertical_first(crop_h: torch.Tensor, crop_w: torch.Tensor, out_h: i
 CANVAS_PIXELS = 1 << 24  # per canvas: 16.7 M pixels, 400 MB as int64 RGB; 128 crops of 360 x 360
 
 
-def _resized_crops_torch(images, boxes, size, interpolation) -> torch.Tensor:
+def resized_crops_torch(images, boxes, size, interpolation) -> torch.Tensor:
     """The crops zero-padded into canvases [n, 3, h, w] of at most CANVAS_PIXELS pixels each (one, for
     ImageNet-sized images), resampled by two batched integer matmuls with per-image fixed-point weights, in
     each image's order of the passes (both orders computed where the canvas has images of both)."""
@@ -103,7 +65,7 @@ def _resized_crops_torch(images, boxes, size, interpolation) -> torch.Tensor:
         heights, widths = boxes[group, 2], boxes[group, 3]
         canvas = torch.zeros(len(group), 3, int(heights.max()), int(widths.max()), dtype=torch.uint8, device=device)
         crops = [images[i][:, t : t + h, le : le + w] for i, (t, le, h, w) in zip(group, boxes[group].tolist())]
-        # One call for all the copies (one copy_ per image cost the GPU host ~70 us each, when this path ran there).
+        # One call for all the copies, not one copy_ per image: a host cost per image when this runs on a GPU.
         torch._foreach_copy_([canvas[slot, :, : c.shape[1], : c.shape[2]] for slot, c in enumerate(crops)], crops)
         canvas = canvas.long()
         rows = resize_weights(heights, out_h, canvas.shape[2], interpolation).to(device).unsqueeze(1)
