@@ -48,8 +48,12 @@ class Weights:
     """What a source holds: the weights, and what is known about where they come from."""
 
     state_dict: dict[str, Tensor]
-    meta: dict | None  # our checkpoint's meta.json (model, model_kwargs, num_classes, data_config, ...); else None
-    description: str  # for messages and logs: the checkpoint directory, the file, or "<name> weights from <file>"
+    meta: (
+        dict | None
+    )  # our checkpoint's meta.json (model, model_kwargs, num_classes, data_config, ...); else None
+    description: (
+        str  # for messages and logs: the checkpoint directory, the file, or "<name> weights from <file>"
+    )
     kind: str  # "checkpoint" (ours), "file" (a weights file), "npz" (a JAX ViT), "timm" (a timm name + file)
     ema: bool = False  # the EMA weights of a training checkpoint
     epoch: int | None = None  # epochs trained, where the source says
@@ -119,7 +123,9 @@ def init_from(model: nn.Module, source: str, file: str | None = None) -> str:
     model built with act_init 'gelu'. Returns what was loaded, for the log: "<source> (all but the head)".
     """
     weights = load(source, file)
-    if any(isinstance(m, GroupRational) for m in model.modules()) and not is_kat_state_dict(weights.state_dict):
+    if any(isinstance(m, GroupRational) for m in model.modules()) and not is_kat_state_dict(
+        weights.state_dict
+    ):
         if getattr(model, "act_init", None) != "gelu":
             raise CheckpointError(
                 f"{weights.description} holds ViT weights (no rational coefficients): KAT* sets every act2 to "
@@ -146,7 +152,9 @@ def create_model(
         if model and model != meta["model"]:
             raise CheckpointError(f"{weights.description} holds a {meta['model']} model, not {model}")
         if model_kwargs:
-            raise CheckpointError(f"{weights.description} describes its model in {META_FILE}: drop model_kwargs")
+            raise CheckpointError(
+                f"{weights.description} describes its model in {META_FILE}: drop model_kwargs"
+            )
         name, kwargs, num_classes = meta["model"], dict(meta["model_kwargs"]), meta["num_classes"]
     elif not model:
         raise CheckpointError(
@@ -163,7 +171,11 @@ def create_model(
     overlay = dict(state_dict=weights.state_dict, **head)
     try:
         built = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs, **head)
-    except (RuntimeError, KeyError, ValueError) as error:  # load_state_dict, or a checkpoint filter, refused it
+    except (
+        RuntimeError,
+        KeyError,
+        ValueError,
+    ) as error:  # load_state_dict, or a checkpoint filter, refused it
         reference = timm.create_model(name, **kwargs, **head)
         mismatch = "; ".join(describe_mismatch(reference.state_dict(), weights.state_dict))
         raise CheckpointMismatchError(

@@ -292,9 +292,9 @@ def read_training_state(checkpoint_dir: Path) -> dict:
     """training_state.pt, checksum verified and its entries checked; read as data (weights_only=True)."""
     meta = read_meta(checkpoint_dir)
     path = checkpoint_dir / STATE_FILE
-    # Read (as data) before the checksum check, so that a file holding code is reported as such.
+    # Read (as data) and checked before the checksum, so that a file holding code, or a file from elsewhere,
+    # is reported as what it is rather than as a checksum mismatch.
     state = read_checkpoint_file(path, code_fix=f"kat writes only tensors and plain values there: {_STATE_FIX}.")
-    verify_file(checkpoint_dir, STATE_FILE, meta)
     missing = [key for key in _STATE_TYPES if key not in state]
     if missing:
         raise CheckpointError(f"{path} lacks the entries {', '.join(missing)}; {_STATE_FIX}")
@@ -302,6 +302,7 @@ def read_training_state(checkpoint_dir: Path) -> dict:
         wrong = _type_error(str(path), key, state[key], expected)
         if wrong:
             raise CheckpointError(f"{wrong}; {_STATE_FIX}")
+    verify_file(checkpoint_dir, STATE_FILE, meta)
     return state
 
 
