@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-import kat  # noqa: F401  (registers the KAT models)
+import kat.weights
 from kat.models.from_vit import kat_from_vit, vit_from_npz, vit_from_timm_name
 from kat.models.pretrained import CheckpointMismatchError, load_checkpoint_file
 from kat.rational.coefficients import init_coefficients
@@ -192,3 +192,54 @@ def test_init_from_config_keys(tmp_path):
         init_weights_from(
             timm.create_model("kat_tiny", **kat_kwargs), TrainConfig(init_from=str(tmp_path / "vit.npz"))
         )
+
+
+def test_weights_init_from_every_source(tmp_path):
+    """kat.weights.init_from, the config route's entry point: each kind of source, what it logs, its errors."""
+    vit = trained_like_vit(**NPZ_VIT)
+    save_augreg_npz(vit, tmp_path / "vit.npz")
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, tmp_path / "vit.safetensors")
+    kat_kwargs = {k: v for k, v in NPZ_VIT.items() if k != "num_classes"}
+
+    def fresh(**kwargs):
+        return timm.create_model("kat_tiny", **{**kat_kwargs, "act_init": "gelu", **kwargs})
+
+    for source, file, expected in (
+        (tmp_path / "vit.npz", None, f"{tmp_path / 'vit.npz'} (all weights)"),
+        (tmp_path / "vit.safetensors", None, f"{tmp_path / 'vit.safetensors'} (all weights)"),
+    ):
+        model = fresh(num_classes=10)
+        assert kat.weights.init_from(model, str(source), file) == expected
+        assert torch.equal(model.blocks[1].attn.qkv.weight, vit.blocks[1].attn.qkv.weight)
+        assert torch.equal(model.head.weight, vit.head.weight)
+
+    # A KAT's weights (a published-style .pth) into a KAT with another class count: all but the head.
+    kat_model = fresh(num_classes=10)
+    torch.save({"model": kat_model.state_dict(), "epoch": 3}, tmp_path / "kat.pth")
+    model = fresh(num_classes=3)
+    assert kat.weights.init_from(model, str(tmp_path / "kat.pth")) == f"{tmp_path / 'kat.pth'} (all but the head)"
+    assert torch.equal(model.blocks[0].mlp.act2.weight_numerator, kat_model.blocks[0].mlp.act2.weight_numerator)
+    assert kat.weights.load(tmp_path / "kat.pth").epoch == 3
+
+    # A timm name and its local file: the name's architecture, so a full-size ViT-Ti.
+    torch.manual_seed(0)
+    vit_ti = timm.create_model("vit_tiny_patch16_224")
+    save_file({k: v.contiguous() for k, v in vit_ti.state_dict().items()}, tmp_path / "vit_ti.safetensors")
+    weights = kat.weights.load("vit_tiny_patch16_224", tmp_path / "vit_ti.safetensors")
+    assert weights.kind == "timm" and weights.meta is None
+    assert torch.equal(weights.state_dict["blocks.11.mlp.fc2.weight"], vit_ti.blocks[11].mlp.fc2.weight)
+
+    errors = [
+        (lambda: kat.weights.init_from(fresh(), "vit_tiny_patch16_224"), "runs never download weights"),
+        (lambda: kat.weights.init_from(fresh(), str(tmp_path / "vit.npz"), "x.pth"), "is only read when"),
+        (lambda: kat.weights.init_from(fresh(), str(tmp_path / "gone.pth")), "gone.pth does not exist"),
+        (
+            lambda: kat.weights.init_from(fresh(act_init="swish"), str(tmp_path / "vit.npz")),
+            "holds ViT weights (no rational coefficients)",
+        ),
+        (lambda: kat.weights.init_from(fresh(depth=3), str(tmp_path / "vit.npz")), "keys missing"),
+    ]
+    for call, words in errors:
+        with pytest.raises(ValueError) as error:
+            call()
+        assert words in str(error.value) and "\n" not in str(error.value), str(error.value)
