@@ -3,7 +3,7 @@
 Sources (`load`):
 - one of our runs or checkpoints: a run directory (its newest complete checkpoint), a step-XXXXXXXX
   directory, or its model.safetensors / ema.safetensors. meta.json describes the model; every file read is
-  checked against the CRC-32 meta.json recorded (kat.training.checkpoint).
+  checked against the checksum meta.json recorded (kat.training.checkpoint).
 - a weights file: a published KAT .pth, a timm or DeiT training checkpoint, a bare state dict in .safetensors
   or .pth. Read as data (kat.models.pretrained.read_checkpoint_file), training wrappers unwrapped.
 - a timm ViT as a JAX .npz (Google's augreg release), read by timm's own npz reader.

@@ -344,7 +344,7 @@ def checkpoint_cases(tmp: Path) -> dict:
         "ckpt-bit-rot": (
             bit_rot,
             ValueError,
-            ["model.safetensors is damaged: its CRC-32 is", "meta.json recorded", "use another checkpoint"],
+            ["model.safetensors is damaged: its checksum (xxh3-64) is", "meta.json recorded", "use another checkpoint"],
         ),
         "ckpt-meta-wrong-type": (
             lambda: edited_meta(lambda meta: meta.update(num_classes="10")),

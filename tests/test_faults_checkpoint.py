@@ -93,7 +93,7 @@ def test_a_flipped_bit_is_refused_everywhere(run, capsys):
     data, run_dir = run
     (step,) = list_checkpoints(run_dir)
     flip_byte_in_tensor(step / "model.safetensors")
-    named = [str(step / "model.safetensors"), "is damaged: its CRC-32 is", "use another checkpoint"]
+    named = [str(step / "model.safetensors"), "is damaged: its checksum (xxh3-64) is", "use another checkpoint"]
 
     messages = [
         eval_error(capsys, "--checkpoint", run_dir, "--data_dir", data),
@@ -132,15 +132,15 @@ def test_a_flipped_bit_in_the_training_state_is_refused_on_resume(run):
     raw[record.header_offset + 30 + name_length + extra_length + record.file_size // 2] ^= 0x01
     path.write_bytes(bytes(raw))
     message = resume_error(data, run_dir)
-    assert f"{path} is damaged: its CRC-32 is" in message
+    assert f"{path} is damaged: its checksum (xxh3-64) is" in message
 
 
 def test_checkpoints_without_checksums_still_load(run, capsys):
-    """Checkpoints written before meta.json had crc32 are read unchecked: resume and eval work."""
+    """Checkpoints written before meta.json had checksums are read unchecked: resume and eval work."""
     data, run_dir = run
     (step,) = list_checkpoints(run_dir)
     meta = json.loads((step / "meta.json").read_text())
-    del meta["crc32"]
+    del meta["xxh3_64"]
     (step / "meta.json").write_text(json.dumps(meta))
     state_dict, _ = read_checkpoint(step)
     assert read_training_state(step)["step"] == 1
@@ -198,9 +198,9 @@ def test_damaged_training_state_is_named_on_resume(run):
 # Writes that fail
 
 
-def small_save(run_dir: Path, step: int, size: int = 4) -> Path:
+def small_save(run_dir: Path, step: int, size: int = 4, state_size: int = 1) -> Path:
     weights = {"w": torch.full((size,), float(step))}
-    state = {"step": step}
+    state = {"step": step, "optimizer": torch.zeros(state_size)}
     meta = {"model": "m", "model_kwargs": {}, "num_classes": 3}
     return save_checkpoint(
         run_dir,
@@ -242,7 +242,7 @@ def small_disk(tmp_path):
 def assert_previous_intact(run_dir: Path, step: int) -> None:
     assert [p.name for p in list_checkpoints(run_dir)] == [f"step-{step:08d}"]
     assert (run_dir / "latest").read_text().strip() == f"step-{step:08d}"
-    assert torch.equal(read_checkpoint(run_dir)[0]["w"], torch.full((4,), float(step)))  # CRC-32 verified
+    assert torch.equal(read_checkpoint(run_dir)[0]["w"], torch.full((4,), float(step)))  # checksum verified
     leftovers = [p.name for p in run_dir.iterdir() if p.name.startswith(".")]
     assert leftovers == [], leftovers
 
@@ -254,6 +254,10 @@ def test_full_disk_and_read_only_disk(small_disk):
         small_save(run_dir, 2, size=1 << 20)  # 4 MiB of weights on a 2 MiB disk
     message = one_line(str(error.value))
     assert f"cannot write checkpoint {run_dir}/step-00000002: no space left on device" in message
+    assert_previous_intact(run_dir, 1)
+    with pytest.raises(CheckpointWriteError) as error:  # torch.save's own words for it differ from safetensors'
+        small_save(run_dir, 2, state_size=1 << 20)
+    assert f"{run_dir}/step-00000002: no space left on device" in one_line(str(error.value))
     assert_previous_intact(run_dir, 1)
 
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)

@@ -2,10 +2,10 @@
 
 import json
 import logging
-import zlib
 
 import pytest
 import torch
+import xxhash
 
 from kat.training.checkpoint import (
     list_checkpoints,
@@ -56,7 +56,7 @@ def test_layout_pointers_and_reader(tmp_path):
     ]
     assert (tmp_path / "latest").read_text() == "step-00000005\n" == (tmp_path / "best").read_text()
     state_dict, meta = read_checkpoint(tmp_path)
-    crc32 = meta.pop("crc32")
+    checksums = meta.pop("xxh3_64")
     assert meta == {
         "format": "kat-checkpoint/1",
         "model": "m",
@@ -66,10 +66,10 @@ def test_layout_pointers_and_reader(tmp_path):
         "has_ema": True,
         "optimizer_shards": False,
     }
-    # The checksums are those of the files as written (zlib's CRC-32, as 8 hex digits).
-    assert sorted(crc32) == ["ema.safetensors", "model.safetensors", "training_state.pt"]
-    for name, value in crc32.items():
-        assert value == f"{zlib.crc32((path / name).read_bytes()):08x}", name
+    # The checksums are those of the files as written.
+    assert sorted(checksums) == ["ema.safetensors", "model.safetensors", "training_state.pt"]
+    for name, value in checksums.items():
+        assert value == xxhash.xxh3_64((path / name).read_bytes()).hexdigest(), name
     assert torch.equal(state_dict["w"], torch.full((2, 3), 5.0)) and state_dict["n"].dtype == torch.int64
     assert read_training_state(path)["rng"][0]["python"][1][-1] == 624  # torch.load(weights_only=True)
     assert resolve_checkpoint(path) == path
