@@ -406,8 +406,9 @@ def save_checkpoint(
         if is_best:
             _write_pointer(run_dir, "best", name)
     except (OSError, SafetensorError, RuntimeError) as error:  # the last two: safetensors' and torch.save's
+        failure = _write_error(final, error)  # before the partial write is removed: it may be what filled the disk
         _remove_partial(run_dir, tmp)
-        raise _write_error(final, error) from None
+        raise failure from None
     _prune(run_dir, keep)
     return final
 
@@ -420,7 +421,8 @@ def _write_checkpoint(tmp: Path, model_state: dict, ema_state: dict | None, trai
     save_file(_cpu_fp32(model_state), tmp / MODEL_FILE, metadata={"format": "pt"})
     if ema_state is not None:
         save_file(_cpu_fp32(ema_state), tmp / EMA_FILE, metadata={"format": "pt"})
-    torch.save(training_state, tmp / STATE_FILE)
+    with open(tmp / STATE_FILE, "wb") as f:  # closed even when a write fails (torch.save(path) leaves it open)
+        torch.save(training_state, f)
     checksums = {name: checksum(tmp / name) for name in (MODEL_FILE, EMA_FILE, STATE_FILE) if (tmp / name).is_file()}
     optimizer_shards = (tmp / OPTIMIZER_SHARDS).is_dir()
     (tmp / META_FILE).write_text(
