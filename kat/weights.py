@@ -48,12 +48,10 @@ class Weights:
     """What a source holds: the weights, and what is known about where they come from."""
 
     state_dict: dict[str, Tensor]
-    meta: (
-        dict | None
-    )  # our checkpoint's meta.json (model, model_kwargs, num_classes, data_config, ...); else None
-    description: (
-        str  # for messages and logs: the checkpoint directory, the file, or "<name> weights from <file>"
-    )
+    # Our checkpoint's meta.json (model, model_kwargs, num_classes, data_config, ...); None for other sources.
+    meta: dict | None
+    # For messages and logs: the checkpoint directory, the file, or "<name> weights from <file>".
+    description: str
     kind: str  # "checkpoint" (ours), "file" (a weights file), "npz" (a JAX ViT), "timm" (a timm name + file)
     ema: bool = False  # the EMA weights of a training checkpoint
     epoch: int | None = None  # epochs trained, where the source says

@@ -219,7 +219,9 @@ def test_weights_init_from_every_source(tmp_path):
     assert kat.weights.init_from(model, str(tmp_path / "kat.pth")) == f"{tmp_path / 'kat.pth'} (all but the head)"
     assert torch.equal(model.blocks[1].attn.qkv.weight, vit.blocks[1].attn.qkv.weight)
     assert model.head.weight.shape == (3, 48)
-    assert kat.weights.load(tmp_path / "kat.pth").epoch == 3
+    weights = kat.weights.load(tmp_path / "kat.pth")
+    assert (weights.kind, weights.epoch, weights.meta, weights.ema) == ("file", 3, None, False)
+    assert kat.weights.load(tmp_path / "vit.npz").kind == "npz"
 
     errors = [  # the first three fail before the model is touched
         (lambda: kat.weights.init_from(model, "vit_tiny_patch16_224"), "runs never download weights"),
