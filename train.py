@@ -12,21 +12,31 @@ during training (checkpoints kept), 128 + signal for SIGTERM/SIGINT.
 
 import logging
 import os
+import signal
 import sys
 
-from kat.training.config import ConfigError, parse_config
-from kat.training.run_control import StopSignals
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def main(argv: list[str] | None = None) -> int:
-    stop = StopSignals()  # first: a SIGTERM while starting up stops cleanly too
+    # A SIGTERM/SIGINT while the imports below run (seconds) waits until StopSignals handles it: a preempted
+    # start-up then stops cleanly, with the documented message and exit code, instead of dying silently.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        from kat.training.run_control import StopSignals
+
+        stop = StopSignals()
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
         return run(argv, stop)
     finally:
         stop.restore()
 
 
-def run(argv: list[str] | None, stop: StopSignals) -> int:
+def run(argv: list[str] | None, stop) -> int:
+    from kat.training.config import ConfigError, parse_config
+
     # NVLink multicast (NCCL's NVLS algorithms) has put the GPUs of shared hosts out of service; NCCL's ring/tree
     # all-reduce is what we measure (docs/DISTRIBUTED.md). Export NCCL_NVLS_ENABLE=1 to have it anyway.
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")

@@ -7,7 +7,7 @@ loop shows up in images/s. This builds the real Trainer from train.py's flags, t
 profiler table (host time per op) of two steps, and times steps again with the EMA update switched off.
 
     python bench/bench_loop.py --config kat_s --data_dir data/demo --batch_size 128 --workers 12 \\
-        --compile --compile_mode reduce-overhead --wandb_mode disabled --output_dir /tmp/runs --run_name loop
+        --compile --compile_mode reduce-overhead --wandb_mode disabled --run_name loop
 """
 
 import sys

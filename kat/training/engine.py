@@ -116,39 +116,29 @@ class Trainer:
     # Training
 
     def fit(self) -> dict:
-        p, cfg = self.parts, self.cfg
+        """Train to stop_step; returns the last evaluation. Ends the run: signals and the run dir are released."""
+        p, cfg, tracker = self.parts, self.cfg, None
         try:
             tracker = RunTracker(self.run_dir, cfg, is_main=self.is_main)
-            try:
-                self._announce(tracker)
-                if self.step >= p.stop_step:
-                    self.accelerator.print(
-                        f"Nothing to train: {self.resume_dir} is at step {self.step} of {p.stop_step}. Raise "
-                        "--epochs or --max_steps to go further, or use a new --run_name to train again."
-                    )
-                    return self.last_eval
-                self._stop_if_asked_during_start_up()
-                if self.resume_rng is not None:
-                    set_rng_state(
-                        self.resume_rng
-                    )  # last, after everything that draws random numbers while building
-                with tqdm(
-                    total=p.stop_step,
-                    initial=self.step,
-                    disable=not self.is_main,
-                    unit="step",
-                    dynamic_ncols=True,
-                ) as progress:
-                    progress.set_description(cfg.run_name)
-                    while self.step < p.stop_step:
-                        self.train_one_epoch(tracker, progress)
-            except DataError as error:
-                raise RunFault(
-                    f"{error}; stopped at step {self.step}; {self._last_checkpoint_text()}"
-                ) from error
-            finally:
-                tracker.finish()
+            self._announce(tracker)
+            if self.step >= p.stop_step:
+                self.accelerator.print(
+                    f"Nothing to train: {self.resume_dir} is at step {self.step} of {p.stop_step}. Raise "
+                    "--epochs or --max_steps to go further, or use a new --run_name to train again."
+                )
+                return self.last_eval
+            self._stop_if_asked_during_start_up()
+            if self.resume_rng is not None:  # last, after everything that draws random numbers while building
+                set_rng_state(self.resume_rng)
+            bar = dict(total=p.stop_step, initial=self.step, unit="step", dynamic_ncols=True)
+            with tqdm(**bar, desc=cfg.run_name, disable=not self.is_main) as progress:
+                while self.step < p.stop_step:
+                    self.train_one_epoch(tracker, progress)
+        except DataError as error:  # too many unreadable images, found while training
+            raise RunFault(f"{error}; stopped at step {self.step}; {self._last_checkpoint_text()}") from error
         finally:
+            if tracker is not None:
+                tracker.finish()
             self.stop.restore()
             if self.lock is not None:
                 self.lock.release()
@@ -186,18 +176,15 @@ class Trainer:
 
             if end_of_epoch:
                 self.epoch, self.samples_in_epoch = self.epoch + 1, 0
-            if end_of_epoch or final:
+            evaluated = end_of_epoch or final
+            if evaluated:
                 train_loss = (
                     self.accelerator.reduce(loss_sum, "mean").item() / applied if applied else math.nan
                 )
                 self.evaluate(tracker, progress, time.perf_counter() - epoch_clock, train_loss)
-            if (
-                end_of_epoch
-                or final
-                or (cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0)
-            ):
-                self.save(evaluated=end_of_epoch or final)
-            if end_of_epoch or final:  # throughput excludes evaluating and saving
+            if evaluated or (cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0):
+                self.save(evaluated)
+            if evaluated:  # throughput excludes evaluating and saving
                 meter.restart(self.step)
             if final:
                 return
