@@ -315,8 +315,8 @@ def check_patch_grid(cfg: TrainConfig, model: torch.nn.Module) -> None:
     """A patch embedding whose patches do not tile the image drops the pixels left over, silently."""
     patch_embed = getattr(model, "patch_embed", None)
     img_size, patch_size = getattr(patch_embed, "img_size", None), getattr(patch_embed, "patch_size", None)
-    if img_size is None or patch_size is None:
-        return
+    if img_size is None or patch_size is None or getattr(patch_embed, "dynamic_img_pad", False):
+        return  # no fixed size, or padded up to whole patches
     if any(i % p for i, p in zip(img_size, patch_size)):
         fits = tuple(max(p, round(i / p) * p) for i, p in zip(img_size, patch_size))
         raise ConfigError(
