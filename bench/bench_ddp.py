@@ -53,7 +53,7 @@ from kat.rational import layer_norm_rational  # noqa: E402
 from kat.rational.norm_rational import layer_norm_rational_reference  # noqa: E402
 from kat.rational.reference import group_rational_reference  # noqa: E402
 
-DROP_PATH = 0.1  # the recipe's for S (KAT_FACTS section 4); also for ViT, as in bench_train.py
+DROP_PATH = 0.1  # the recipe's for S (configs/kat_s.yaml, docs/MODELS.md); also for ViT, as in bench_train.py
 CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # norm-wise relative error against float64
 COMPILE_MODES = ["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
@@ -161,7 +161,7 @@ class Runner:
         with torch.autocast(self.device.type, dtype=torch.bfloat16):
             logits = self.model(self.images)
         loss = F.cross_entropy(logits.float(), self.targets)
-        with torch.autograd.set_multithreading_enabled(False):  # as train.py runs it (kat/training/loop.py)
+        with torch.autograd.set_multithreading_enabled(False):  # as train.py runs it (kat/training/engine.py)
             loss.backward()  # under DDP, the gradients are all-reduced here, overlapped with the backward pass
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -21,7 +21,7 @@ from kat.data import (
     collate_encoded,
 )
 from kat.training.config import ConfigError, parse_config
-from kat.training.loop import Trainer
+from kat.training.engine import Trainer
 
 DATA_CONFIG = {"input_size": [3, 24, 24], "interpolation": "bicubic", "mean": [0.485, 0.456, 0.406],
                "std": [0.229, 0.224, 0.225], "crop_pct": 1.0}  # fmt: skip

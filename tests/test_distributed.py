@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from kat.training.config import parse_config
-from kat.training.loop import train
+from kat.training.engine import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import compare_runs  # noqa: E402
@@ -161,20 +161,20 @@ def test_bench_ddp_smoke_on_cpu(tmp_path):
 # A fault on one process, a stop request on the other: both must act on the same step (the flags are all-reduced).
 FAULTS = """
 import math, os, signal, sys
-from kat.training import loop
-rank, original = int(os.environ["RANK"]), loop.Trainer._train_step
+from kat.training import engine
+rank, original = int(os.environ["RANK"]), engine.Trainer.train_step
 def train_step(self, batches):
     if rank == 1 and self.step + 1 == 2:  # a NaN loss on process 1 only
-        loss_fn = self.train_loss_fn
-        self.train_loss_fn = lambda output, target: loss_fn(output, target) * math.nan
+        loss_fn = self.parts.train_loss_fn
+        self.parts.train_loss_fn = lambda output, target: loss_fn(output, target) * math.nan
         try:
             return original(self, batches)
         finally:
-            self.train_loss_fn = loss_fn
+            self.parts.train_loss_fn = loss_fn
     if rank == 0 and self.step + 1 == 4:  # a preemption notice to process 0 only
         os.kill(os.getpid(), signal.SIGTERM)
     return original(self, batches)
-loop.Trainer._train_step = train_step
+engine.Trainer.train_step = train_step
 import train
 sys.exit(train.main(sys.argv[1:]))
 """

@@ -19,6 +19,7 @@ import torch
 from kat.data import DataError, ImageFolderDataset, check_layout
 from kat.models.pretrained import CheckpointMismatchError, check_state_dict_fits, load_checkpoint_file
 from kat.rational import GroupRational, group_rational
+from kat.training.build import choose_resume, create_model, init_weights_from
 from kat.training.checkpoint import (
     begin_checkpoint,
     list_checkpoints,
@@ -27,7 +28,7 @@ from kat.training.checkpoint import (
     save_checkpoint,
 )
 from kat.training.config import ConfigError, parse_config
-from kat.training.loop import Trainer, choose_resume, create_model, init_weights_from
+from kat.training.engine import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo"

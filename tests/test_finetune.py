@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from kat.training.checkpoint import read_checkpoint
 from kat.training.config import ConfigError, parse_config
-from kat.training.loop import Trainer, train
+from kat.training.engine import Trainer, train
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
 ARCH = "{img_size: 28, patch_size: 7, depth: 2, embed_dim: 32, num_heads: 2}"
@@ -64,7 +64,7 @@ def test_finetune_starts_from_demo_checkpoint_with_new_head_and_layer_decay(tmp_
     assert meta["num_classes"] == 10
     cfg = finetune_config(tmp_path, source_run, "--layer_decay", "0.5")
     trainer = Trainer(cfg)
-    model = trainer.raw_model
+    model = trainer.parts.raw_model
 
     # Everything but the head comes from the demo checkpoint; the head is new, for 3 classes.
     state = model.state_dict()
@@ -80,12 +80,12 @@ def test_finetune_starts_from_demo_checkpoint_with_new_head_and_layer_decay(tmp_
     # Layer decay: one lr scale per group_matcher layer, 0.5 per layer down from the head (2 blocks: the
     # embeddings are 3 layers below the head), applied by the scheduler to every group's lr.
     names = {id(p): n for n, p in model.named_parameters()}
-    scale_of = {names[id(p)]: g["lr_scale"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    scale_of = {names[id(p)]: g["lr_scale"] for g in trainer.parts.optimizer.param_groups for p in g["params"]}
     assert scale_of["head.weight"] == 1.0
     assert scale_of["blocks.1.mlp.fc1.weight"] == 0.5
     assert scale_of["blocks.0.mlp.act1.weight_numerator"] == 0.25
     assert scale_of["patch_embed.proj.weight"] == scale_of["pos_embed"] == 0.125
-    for group in trainer.optimizer.param_groups:
+    for group in trainer.parts.optimizer.param_groups:
         assert math.isclose(group["lr"], cfg.warmup_lr * group["lr_scale"], rel_tol=1e-6)
 
     result = trainer.fit()
@@ -110,8 +110,8 @@ def test_init_from_errors_name_the_key(tmp_path, source_run):
     trainer = Trainer(
         finetune_config(tmp_path, path, "--model_kwargs.act_init", "gelu", "--run_name", "kat_star")
     )
-    assert torch.equal(trainer.raw_model.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
-    assert trainer.raw_model.blocks[0].mlp.act2.init == "gelu"
+    assert torch.equal(trainer.parts.raw_model.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
+    assert trainer.parts.raw_model.blocks[0].mlp.act2.init == "gelu"
 
     with pytest.raises(ConfigError, match=r"init_from.*vit\.npz does not exist"):
         Trainer(finetune_config(tmp_path, tmp_path / "vit.npz", "--run_name", "npz"))

@@ -14,8 +14,8 @@ import kat.weights
 from kat.models.from_vit import kat_from_vit, vit_from_npz, vit_from_timm_name
 from kat.models.pretrained import CheckpointMismatchError, load_checkpoint_file
 from kat.rational.coefficients import init_coefficients
+from kat.training.build import init_weights_from
 from kat.training.config import ConfigError, TrainConfig
-from kat.training.loop import init_weights_from
 
 SMALL = dict(img_size=32, depth=2, num_classes=10)
 

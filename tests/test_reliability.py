@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from kat.training.checkpoint import checkpoint_name, list_checkpoints
 from kat.training.config import parse_config
-from kat.training.loop import NonFiniteError, Trainer
+from kat.training.engine import NonFiniteError, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo"
@@ -186,13 +186,13 @@ def trainer(tmp_path, digits, *flags) -> Trainer:
 
 def poison_loss(t: Trainer, steps: set[int]) -> None:
     """The loss (and so every gradient) is NaN at these steps: a fault injected into a real run."""
-    loss_fn = t.train_loss_fn
+    loss_fn = t.parts.train_loss_fn
 
     def loss(output, target):
         value = loss_fn(output, target)
         return value * math.nan if t.step + 1 in steps else value
 
-    t.train_loss_fn = loss
+    t.parts.train_loss_fn = loss
 
 
 def test_nonfinite_steps_are_skipped_counted_and_logged(tmp_path, digits, caplog):
@@ -241,7 +241,7 @@ def test_too_many_nonfinite_steps_in_a_row_stop_the_run(tmp_path, digits):
 
 def test_nonfinite_gradients_with_a_finite_loss(tmp_path, digits):
     t = trainer(tmp_path, digits, "--nonfinite", "stop")
-    weight = t.raw_model.head.weight
+    weight = t.parts.raw_model.head.weight
     weight.register_hook(lambda grad: grad * math.inf if t.step + 1 == 2 else grad)
     with pytest.raises(
         NonFiniteError, match=r"non-finite gradients at step 2 \(loss \d.*grad norm (inf|nan)\)"

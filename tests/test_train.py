@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import train as train_script
 from kat.training.checkpoint import read_checkpoint, resolve_checkpoint
 from kat.training.config import parse_config
-from kat.training.loop import train
+from kat.training.engine import train
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo"

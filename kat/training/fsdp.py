@@ -8,11 +8,13 @@ What that changes for us, and how:
   eval.py, init_from and resuming read) and writes the optimizer state sharded with torch.distributed.checkpoint
   (DCP): every process writes its own shard, and DCP reshards when a run resumes with another process count;
 - plotting the learned rationals needs their full coefficients: `unsharded` gathers them for a moment.
+The training engine sees these differences through one object, `Replicated` (DDP or one process) or `Sharded`
+(FSDP), chosen once when the run is built (`strategy`).
 Accelerate enables FSDP on GPUs only, so CPU tests exercise these functions on models sharded by fully_shard
 directly, over gloo (tests/test_fsdp.py); the end-to-end run is in docs/DISTRIBUTED.md.
 """
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -25,6 +27,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from kat.training.checkpoint import OPTIMIZER_SHARDS, begin_checkpoint, checkpoint_tmp_dir
 
 
 def fsdp_plugin():
@@ -101,3 +106,101 @@ def unsharded(model: torch.nn.Module):
     finally:
         for unit in units:
             unit.reshard()
+
+
+def strategy(fsdp: bool) -> "Replicated":
+    return Sharded() if fsdp else Replicated()
+
+
+class Replicated:
+    """DDP (or one process): every process holds the whole model and optimizer; rank 0 writes them.
+
+    The one place where DDP and FSDP training differ; `Sharded` overrides what FSDP does otherwise.
+    """
+
+    sharded = False
+
+    def accelerate_plugin(self):
+        return None
+
+    def before_prepare(self, accelerator, model: torch.nn.Module) -> None:
+        """Called on the plain model before accelerator.prepare."""
+
+    def fused_adam(self, device: torch.device) -> bool:
+        # torch's fused AdamW kernels on CUDA: timm's default foreach step costs host time per step, which
+        # under CUDA graphs is step time (docs/BENCHMARKS.md section 3); on CPU foreach keeps tested numerics.
+        return device.type == "cuda"
+
+    def after_prepare(self, raw_model: torch.nn.Module, ema_module: torch.nn.Module | None) -> None:
+        """Called once the model is prepared, with the EMA's module (or None)."""
+
+    def forward_context(self, accelerator):
+        """prepare() already put the model's forward in autocast."""
+        return nullcontext()
+
+    def full_norm(self, grad_norm: torch.Tensor) -> torch.Tensor:
+        return grad_norm
+
+    def gathered(self, model: torch.nn.Module):
+        """The model's full parameters for the duration (plots)."""
+        return nullcontext(model)
+
+    def weights(self, module: torch.nn.Module, is_main: bool) -> dict | None:
+        """The full state dict on the main process (None elsewhere); collective under FSDP."""
+        return module.state_dict() if is_main else None
+
+    def load_weights(self, module: torch.nn.Module, state_dict: dict) -> None:
+        module.load_state_dict(state_dict)
+
+    def save_optimizer(self, accelerator, run_dir: Path, step: int, raw_model, optimizer):
+        """(temp checkpoint dir already holding the optimizer or None, optimizer state for training_state)."""
+        return None, optimizer.state_dict() if accelerator.is_main_process else None
+
+    def load_optimizer(self, checkpoint_dir: Path, state: dict, raw_model, optimizer) -> None:
+        optimizer.load_state_dict(state["optimizer"])
+
+
+class Sharded(Replicated):
+    """FSDP2: each process holds 1/N of the parameters, gradients and optimizer state (the module docstring)."""
+
+    sharded = True
+
+    def accelerate_plugin(self):
+        return fsdp_plugin()
+
+    def before_prepare(self, accelerator, model: torch.nn.Module) -> None:
+        wrap_blocks_of(accelerator.state.fsdp_plugin, model)
+
+    def fused_adam(self, device: torch.device) -> bool:
+        return False  # sharded DTensor parameters
+
+    def after_prepare(self, raw_model: torch.nn.Module, ema_module: torch.nn.Module | None) -> None:
+        if ema_module is not None:
+            shard_like(ema_module, raw_model)
+
+    def forward_context(self, accelerator):
+        # Accelerate leaves casting to FSDP's mixed-precision policy, which we keep at fp32 (fsdp_plugin says why)
+        return accelerator.autocast()
+
+    def full_norm(self, grad_norm: torch.Tensor) -> torch.Tensor:
+        return grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+
+    def gathered(self, model: torch.nn.Module):
+        return unsharded(model)
+
+    def weights(self, module: torch.nn.Module, is_main: bool) -> dict | None:
+        return full_state_dict(module)
+
+    def load_weights(self, module: torch.nn.Module, state_dict: dict) -> None:
+        load_full_state_dict(module, state_dict)  # every process reads the full weights, keeps its shard
+
+    def save_optimizer(self, accelerator, run_dir: Path, step: int, raw_model, optimizer):
+        tmp = checkpoint_tmp_dir(run_dir, step)
+        if accelerator.is_main_process:
+            begin_checkpoint(run_dir, step)
+        accelerator.wait_for_everyone()
+        save_optimizer_shards(raw_model, optimizer.optimizer, tmp / OPTIMIZER_SHARDS)
+        return tmp, None
+
+    def load_optimizer(self, checkpoint_dir: Path, state: dict, raw_model, optimizer) -> None:
+        load_optimizer_shards(raw_model, optimizer.optimizer, checkpoint_dir / OPTIMIZER_SHARDS)

@@ -1,15 +1,16 @@
-"""Run records: metrics.jsonl in the run directory and, when available, Weights & Biases (main process only).
+"""Run records: metrics.jsonl in the run directory and Weights & Biases (main process only; wandb_mode).
 
 metrics.jsonl has one JSON object per line, `type` says which kind:
   step   every log_interval optimizer steps: step, epoch, loss, lr, grad_norm, images_per_sec, step_time,
          data_time (+ peak_memory_gb on CUDA)
   eval   after each evaluation: step, epoch, epoch_time, train_loss, val {top1, top5, loss, ...}, val_ema {...}
   run    once per launch: what was started or resumed, with which rational backend
+A number that is not finite (a skipped step's NaN loss) is written as null: every line stays strict JSON.
 The step and eval records are also appended to steps.csv and evals.csv (fixed columns, nested val/val_ema
 results flattened to val_top1, ...; empty where a value is absent or not finite), for spreadsheets and pandas.
 W&B gets the same numbers as train/*, val/*, val_ema/* charts against our own `step` axis (so a resumed run's
 curves continue instead of restarting), the resolved config, and the rational-function plots as images.
-wandb is imported only when used: the GPU machines may not have it.
+wandb is a requirement; it is imported only when a run uses it (wandb_mode not disabled), as it is slow to import.
 """
 
 import csv
@@ -73,6 +74,15 @@ class CsvLog:
         self.file.close()
 
 
+def _finite_or_null(value):
+    """The record with every non-finite float (in nested dicts too) replaced by None."""
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def _wandb_logged_in() -> bool:
     """True when W&B credentials exist (env or ~/.netrc, where `wandb login` stores them); no network access."""
     if os.environ.get("WANDB_API_KEY"):
@@ -106,15 +116,8 @@ class RunTracker:
         mode = resolve_wandb_mode(cfg.wandb_mode)
         if mode == "disabled":
             return
-        try:
-            import wandb
-        except ImportError:
-            if cfg.wandb_mode != "auto":
-                raise RuntimeError(
-                    f"wandb_mode: {cfg.wandb_mode} needs wandb: `pip install wandb`, or set --wandb_mode disabled"
-                ) from None
-            logger.info("wandb is not installed: logging to metrics.jsonl only")
-            return
+        import wandb
+
         id_file = run_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id + "\n")
@@ -134,7 +137,7 @@ class RunTracker:
         logger.info("W&B run %s (%s mode)", run_id, mode)
 
     def _write(self, record: dict) -> None:
-        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.write(json.dumps(_finite_or_null(record), allow_nan=False) + "\n")
 
     def log_run(self, record: dict) -> None:
         """Facts about this launch (resumed from, rational backend, processes, ...); W&B keeps them in its config."""
