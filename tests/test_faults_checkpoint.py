@@ -17,6 +17,7 @@ import pytest
 import timm
 import torch
 import yaml
+from kat.training.loop import Trainer, train
 
 import eval as eval_cli
 import kat.weights
@@ -29,7 +30,6 @@ from kat.training.checkpoint import (
     save_checkpoint,
 )
 from kat.training.config import parse_config
-from kat.training.loop import Trainer, train
 
 ARCH = "{img_size: 28, patch_size: 14, depth: 1, embed_dim: 32, num_heads: 2}"
 QUIET = ["--wandb_mode", "disabled", "--plot_rationals", "false", "--workers", "0"]

@@ -34,19 +34,11 @@ from kat.data import (
     collate_encoded,
     resolve_data_config,
 )
-from kat.models.from_vit import (
-    is_kat_state_dict,
-    kat_from_vit,
-    load_weights_except_head,
-    vit_from_npz,
-    vit_from_timm_name,
-)
-from kat.models.pretrained import load_checkpoint_file
-from kat.rational import GroupRational
-from kat.training.checkpoint import list_checkpoints, read_checkpoint, resolve_checkpoint
+from kat.training.checkpoint import list_checkpoints, resolve_checkpoint
 from kat.training.config import ConfigError, TrainConfig
 from kat.training.ema import ModelEma
 from kat.training.fsdp import Replicated, strategy
+from kat.weights import init_from
 
 logger = logging.getLogger(__name__)
 
@@ -327,42 +319,13 @@ def check_patch_grid(cfg: TrainConfig, model: torch.nn.Module) -> None:
 
 
 def init_weights_from(model: torch.nn.Module, cfg: TrainConfig) -> None:
-    """Load `cfg.init_from` into a fresh model: our run/checkpoint dir, a KAT weights file, or a ViT's (KAT*) as
-    a .safetensors/.pth/.npz file or a timm ViT name whose weights are the local file `cfg.init_from_file`.
-
-    Everything but the head must fit; a head of another class count keeps its fresh init (fine-tuning).
-    """
-    path = Path(cfg.init_from)
-    source = str(path)
-    is_kat = any(isinstance(m, GroupRational) for m in model.modules())
+    """Load `cfg.init_from` (any source kat.weights reads) into a fresh model; a head of another class count
+    keeps its fresh init (fine-tuning)."""
     try:
-        if cfg.init_from_file is not None and (path.exists() or not timm.is_model(cfg.init_from)):
-            raise ValueError(
-                f"init_from_file ({cfg.init_from_file}) is only read when init_from is a timm model name, but "
-                f"init_from is {cfg.init_from!r}: set init_from_file: null"
-            )
-        if path.is_dir():
-            source = str(resolve_checkpoint(path, weights_only=True))
-            state_dict, _ = read_checkpoint(source)
-        elif path.suffix == ".npz":
-            state_dict = vit_from_npz(path).state_dict()
-        elif path.exists() or not timm.is_model(cfg.init_from):
-            state_dict = load_checkpoint_file(path)
-        else:
-            source = f"{cfg.init_from} weights from {cfg.init_from_file}"
-            state_dict = vit_from_timm_name(cfg.init_from, cfg.init_from_file).state_dict()
-        if is_kat and not is_kat_state_dict(state_dict):
-            if getattr(model, "act_init", None) != "gelu":
-                raise ValueError(
-                    f"{source} holds ViT weights (no rational coefficients): KAT* sets every act2 to GELU, the "
-                    "ViT's activation, so the run must say so: set model_kwargs.act_init: gelu"
-                )
-            head = kat_from_vit(model, state_dict, source)
-        else:
-            head = load_weights_except_head(model, state_dict, source)
+        loaded = init_from(model, cfg.init_from, cfg.init_from_file)
     except (FileNotFoundError, ValueError) as error:
         raise ConfigError(f"config key 'init_from': {error}") from error
-    logger.info("initialised from %s (%s)", source, "all weights" if head else "all but the head")
+    logger.info("initialised from %s", loaded)
 
 
 def choose_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
