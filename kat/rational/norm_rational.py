@@ -95,7 +95,7 @@ def _reference(x, weight, bias, eps, numerator, denominator, out_dtype, backend)
     """F.layer_norm then the group-rational, in the compute dtype, rounded once to out_dtype."""
     dtype = reference.compute_dtype(x, weight, bias, numerator, denominator)
     weight, bias = (None if t is None else t.to(dtype) for t in (weight, bias))
-    h = F.layer_norm(x.to(dtype), (x.shape[-1],), weight, bias, eps)
+    h = F.layer_norm(x.to(dtype), (int(x.shape[-1]),), weight, bias, eps)  # int: a constant for exporters
     return reference.rational_forward(h, numerator, denominator).to(out_dtype)
 
 
