@@ -30,7 +30,7 @@ import kat  # noqa: E402  (registers the KAT models)
 
 PAIRS = {"tiny": ("kat_tiny", "vit_tiny_patch16_224"), "small": ("kat_small", "vit_small_patch16_224"),
          "base": ("kat_base", "vit_base_patch16_224")}
-DROP_PATH = {"tiny": 0.1, "small": 0.1, "base": 0.4}  # the recipe's (KAT_FACTS section 4), same for ViT
+DROP_PATH = {"tiny": 0.1, "small": 0.1, "base": 0.4}  # the training recipe's (configs/kat_*.yaml), same for ViT
 
 
 def size_of(name: str) -> str:
