@@ -262,7 +262,7 @@ def block_channels(group_size: int) -> int:
 @functools.cache
 def forward_config(group_size: int) -> dict:
     """Tiles of 4K elements (16 KB fp32 / 8 KB bf16 per program), 4 warps: the fastest of
-    bench_rational.py --sweep on an H200 (bf16, C = 768 and 1536; 8K-element tiles at 8 warps were 7-9% slower)."""
+    bench_rational.py --sweep (docs/BENCHMARKS.md section 1)."""
     block_c = block_channels(group_size)
     return {"BLOCK_N": 4096 // block_c, "BLOCK_C": block_c, "num_warps": 4}
 
@@ -270,8 +270,8 @@ def forward_config(group_size: int) -> dict:
 @functools.cache
 def backward_config(group_size: int) -> dict:
     """Row tiles of 2K elements (16 per thread at 4 warps, each with 11 fp32 accumulators), 2 programs per SM,
-    3 pipeline stages: the fastest of bench_rational.py --sweep on an H200 (bf16, C = 768 and 1536, fc1's bias
-    fused): 0.094 / 0.053 ms against 0.152 / 0.089 ms for the earlier 1K tiles, 8 per SM, no pipelining."""
+    3 pipeline stages: the fastest of bench_rational.py --sweep with fc1's bias fused (docs/BENCHMARKS.md
+    section 1, tile sweep)."""
     block_c = block_channels(group_size)
     return {
         "BLOCK_N": max(1, 2048 // block_c),

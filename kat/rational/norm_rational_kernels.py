@@ -297,9 +297,8 @@ def forward_config(channels: int, groups: int) -> dict:
 
 
 # (BLOCK_N, num_warps, programs_per_sm, num_stages) by padded row width: the fastest of bench_norm_rational.py
-# --sweep on an H200 (Triton 3.6); 256 and 512 (C = 192, 384) re-swept with pipelining (3 stages: 17-19% faster
-# than the best unpipelined configs), 1024 (C = 768) not yet. Other widths: one row per tile, ~4 padded
-# elements per thread.
+# --sweep (docs/BENCHMARKS.md section 2); 256 and 512 (C = 192, 384) swept with pipelining, 1024 (C = 768) not
+# yet. Other widths: one row per tile, ~4 padded elements per thread.
 _BACKWARD_MEASURED = {256: (4, 4, 2, 3), 512: (2, 4, 2, 3), 1024: (1, 8, 2, 1)}
 
 
