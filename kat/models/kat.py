@@ -112,7 +112,7 @@ class FusedKatBlock(Block):
         unfusable = (
             "norm2 is not an nn.LayerNorm" if not isinstance(self.norm2, nn.LayerNorm)
             else "the mlp is not a KANMlp" if not isinstance(mlp, KANMlp)
-            else f"dropout p={mlp.drop1.p} in the mixer" if mlp.drop1.p or mlp.drop2.p
+            else f"dropout p={max(mlp.drop1.p, mlp.drop2.p)} in the mixer" if mlp.drop1.p or mlp.drop2.p
             else "a norm before fc2 (scale_mlp_norm)" if not isinstance(mlp.norm, nn.Identity)
             else None
         )  # fmt: skip
