@@ -1,6 +1,6 @@
 """Export a trained run: a timm hub folder (`--format hf`) or an ONNX model (`--format onnx`).
 
-    python -m kat.export --checkpoint checkpoints/<run> --format hf --out kat-run        # its newest checkpoint
+    python -m kat.export --checkpoint checkpoints/<run> --format hf --out kat-run  # newest checkpoint
     python -m kat.export --checkpoint checkpoints/<run>/step-00001234 --ema --format onnx --out kat.onnx
 
 The hf folder (config.json, model.safetensors, README.md) is what `timm.create_model('local-dir:DIR',
@@ -42,7 +42,7 @@ class ExportError(Exception):
 
 
 def load_run(checkpoint: str | Path, ema: bool = False) -> tuple[torch.nn.Module, dict, Path]:
-    """(model in eval mode, meta, checkpoint dir) of a run dir (its newest complete checkpoint) or a step dir."""
+    """(model in eval mode, meta, checkpoint dir) of a run dir (newest complete checkpoint) or a step dir."""
     try:
         ckpt_dir = resolve_checkpoint(checkpoint, weights_only=True)
         state_dict, meta = read_checkpoint(ckpt_dir, ema=ema)
@@ -103,7 +103,8 @@ def model_card(meta: dict, ckpt_dir: Path, ema: bool) -> str:
         "---",
         f"# {name}",
         "",
-        f"A Kolmogorov-Arnold Transformer ({meta['model']}, arXiv:2409.10594) trained with kat: the {weights} "
+        f"A Kolmogorov-Arnold Transformer ({meta['model']}, arXiv:2409.10594) trained with kat: the "
+        f"{weights} "
         f"of checkpoint `{ckpt_dir.name}` (step {meta.get('step')}, epoch {meta.get('epoch')}), "
         f"{meta['num_classes']} classes.",
         "",
@@ -134,7 +135,15 @@ def model_card(meta: dict, ckpt_dir: Path, ema: bool) -> str:
             )
     else:
         lines.append("This checkpoint was saved before any evaluation.")
-    lines += ["", "## Training config", "", "```yaml", yaml.safe_dump(meta.get("config", {})).rstrip(), "```", ""]
+    lines += [
+        "",
+        "## Training config",
+        "",
+        "```yaml",
+        yaml.safe_dump(meta.get("config", {})).rstrip(),
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -142,7 +151,9 @@ def write_hf_folder(model: torch.nn.Module, meta: dict, ckpt_dir: Path, ema: boo
     """config.json and model.safetensors through timm's save_for_hf, then the model card."""
     model.pretrained_cfg = run_pretrained_cfg(model, meta)
     labels = {"label_names": list(meta["class_names"])} if meta.get("class_names") else {}
-    save_for_hf(model, str(folder), model_config=labels, model_args=architecture_args(meta), safe_serialization=True)
+    save_for_hf(
+        model, str(folder), model_config=labels, model_args=architecture_args(meta), safe_serialization=True
+    )
     (folder / "README.md").write_text(model_card(meta, ckpt_dir, ema), encoding="utf-8")
 
 
@@ -150,8 +161,11 @@ def write_onnx(model: torch.nn.Module, meta: dict, path: Path) -> None:
     """Torch's dynamo exporter with a dynamic batch; the preprocessing and classes go in the metadata."""
     try:
         import onnx
-    except ImportError:
-        raise ExportError("ONNX export needs the onnx and onnxscript packages: pip install onnx onnxscript")
+        import onnxscript  # noqa: F401  (the dynamo exporter translates with it)
+    except ImportError as e:
+        raise ExportError(
+            f"ONNX export needs onnx and onnxscript ({e}): pip install onnx onnxscript"
+        ) from None
     images = torch.zeros(2, *meta["data_config"]["input_size"])  # batch 2: a batch of 1 would be specialised
     with torch.no_grad():
         torch.onnx.export(
@@ -178,7 +192,9 @@ def check_out(out: Path, fmt: str, force: bool) -> None:
     if fmt == "hf" and out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file; the hf format writes a folder: choose another path")
     if fmt == "onnx" and out.is_dir():
-        raise ExportError(f"--out {out} is a folder; the onnx format writes a file such as {out / 'model.onnx'}")
+        raise ExportError(
+            f"--out {out} is a folder; the onnx format writes a file such as {out / 'model.onnx'}"
+        )
     if not out.parent.is_dir():
         raise ExportError(f"--out {out}: the folder {out.parent} does not exist")
 
@@ -206,9 +222,13 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, ema: bool = False,
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m kat.export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="run dir (-> its newest complete checkpoint) or step dir")
+    p.add_argument(
+        "--checkpoint", required=True, help="run dir (-> its newest complete checkpoint) or step dir"
+    )
     p.add_argument("--ema", action="store_true", help="export the EMA weights (error if the run kept none)")
-    p.add_argument("--format", choices=("hf", "onnx"), required=True, help="hf: a timm hub folder; onnx: a file")
+    p.add_argument(
+        "--format", choices=("hf", "onnx"), required=True, help="hf: a timm hub folder; onnx: a file"
+    )
     p.add_argument("--out", required=True, help="folder (hf) or file (onnx) to write")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     return p.parse_args(argv)

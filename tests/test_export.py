@@ -1,4 +1,4 @@
-"""python -m kat.export: hf folders that timm loads with the run's logits, ONNX files onnxruntime runs, errors."""
+"""python -m kat.export: hf folders timm loads with the run's logits, ONNX files onnxruntime runs, errors."""
 
 import json
 
