@@ -32,7 +32,7 @@ import kat  # noqa: F401  (registers the KAT models with timm)
 from kat.models.pretrained import describe_mismatch
 from kat.training.checkpoint import EMA_FILE, MODEL_FILE, read_checkpoint, resolve_checkpoint
 
-# Opset 18: the dynamo exporter's native one; run by onnxruntime >= 1.14 and parsed by TensorRT 10.
+# Opset 18: the dynamo exporter's native one; onnxruntime >= 1.14 runs it, recent TensorRT parsers read it.
 ONNX_OPSET = 18
 HF_FILES = ("config.json", "model.safetensors", "README.md")
 
