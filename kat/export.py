@@ -26,7 +26,7 @@ import timm
 import torch
 import yaml
 from safetensors import SafetensorError
-from timm.models import save_for_hf
+from timm.models._hub import save_for_hf  # timm.models exports it from 1.0.16; _hub has it from 1.0.15 on
 
 import kat  # noqa: F401  (registers the KAT models with timm)
 from kat.models.pretrained import describe_mismatch
