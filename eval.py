@@ -2,15 +2,18 @@
 
     python eval.py --checkpoint checkpoints/<run>                        # a run dir: its latest checkpoint
     python eval.py --checkpoint checkpoints/<run>/step-00001234 --ema    # one checkpoint, its EMA weights
-    python eval.py --checkpoint kat_small.pth --model kat_small_patch16_224 --data /data/imagenet
+    python eval.py --checkpoint kat_small.pth --model kat_small_patch16_224 --data_dir /data/imagenet
     accelerate launch --num_processes 8 eval.py --checkpoint ... --json results.json
     accelerate launch --multi_gpu --num_processes 2 eval.py --cpu ...     # several CPU processes (gloo)
 
 Our own checkpoints carry the model name, its kwargs, the class names, the data config and the data dir in
-meta.json. Any other weight file (.pth/.pt/.bin/.safetensors, e.g. a published KAT checkpoint) needs --model
-and --data; it is loaded through timm's pretrained path so the model's checkpoint filter can handle wrapper
-keys and position-embedding resizing. Checkpoints are data, never code: torch.load(weights_only=True) or
-safetensors, nothing else. Counts are exact under several processes (see kat.evaluation.evaluate).
+meta.json, and the checksums their files are verified against. Any other weight file (.pth/.pt/.bin/
+.safetensors, e.g. a published KAT checkpoint, or a ViT .npz) needs --model and --data_dir. Weights are read by
+kat.weights (the loader training uses too), as data, never code, and the model is built through timm's
+pretrained path so the model's checkpoint filter can handle wrapper keys and position-embedding resizing. Images
+go through the training pipeline's eval transform (kat.data.build_transforms). Flags share train.py's names
+(--data_dir, --mixed_precision, --batch_size, --workers, --crop_pct, ...). Counts are exact under several
+processes (see kat.evaluation.evaluate).
 
 Bad input (missing or corrupt checkpoint, wrong architecture, dataset that does not match the head, missing
 split folder) ends with one line on stderr and exit code 2.
@@ -26,24 +29,16 @@ import timm
 import torch
 import yaml
 from accelerate import Accelerator
-from safetensors import SafetensorError
-from timm.data import create_transform
 from tqdm.auto import tqdm
 
-import kat  # noqa: F401  (registers the KAT models with timm)
-from kat.data import DataError, DeviceLoader, ImageFolderDataset, resolve_data_config
+import kat.weights
+from kat.data import DataError, DeviceLoader, ImageFolderDataset, build_transforms, resolve_data_config
 from kat.evaluation import evaluate
-from kat.models.pretrained import (
-    CheckpointError,
-    MissingWeightsError,
-    describe_mismatch,
-    read_checkpoint_file,
-    unwrap_state_dict,
-)
+from kat.models.pretrained import CheckpointError, MissingWeightsError
 from kat.rational import GroupRational, active_backend
-from kat.training.checkpoint import EMA_FILE, META_FILE, MODEL_FILE, read_checkpoint, resolve_checkpoint
+from kat.training.config import TrainConfig
 
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class EvalError(Exception):
@@ -66,20 +61,25 @@ def parse_args(argv=None):
         help="timm.create_model kwargs for --model, as a YAML mapping: '{img_size: 384}'",
     )
     p.add_argument(
-        "--data", help="dataset root holding <split>/<class>/<image>; default: the training data dir"
+        "--data_dir",
+        "--data-dir",
+        "--data",
+        help="dataset root holding <split>/<class>/<image>; default: the training run's data_dir",
     )
-    p.add_argument("--split", default="val", help="split folder under --data (default: val)")
+    p.add_argument("--split", default="val", help="split folder under --data_dir (default: val)")
     p.add_argument(
         "--ema", action="store_true", help="evaluate the EMA weights (error if the checkpoint has none)"
     )
     p.add_argument("--batch_size", "--batch-size", type=int, default=128, help="per-process batch size")
     p.add_argument("--workers", type=int, default=4, help="data-loading processes per evaluating process")
     p.add_argument(
-        "--amp",
+        "--mixed_precision",
+        "--mixed-precision",
         choices=sorted(AMP_DTYPES),
-        default="none",
-        help="autocast dtype for the forward pass (default: none = fp32)",
+        default="no",
+        help="autocast dtype for the forward pass (default: no = fp32)",
     )
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], help="old name of --mixed_precision (none = no)")
     p.add_argument("--img_size", "--img-size", type=int, help="override the input resolution")
     p.add_argument("--crop_pct", "--crop-pct", type=float, help="override the center-crop fraction")
     p.add_argument("--interpolation", help="override the resize interpolation (bicubic, bilinear, ...)")
@@ -89,6 +89,8 @@ def parse_args(argv=None):
     p.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
     p.add_argument("--no_progress", "--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    if args.amp is not None:
+        args.mixed_precision = "no" if args.amp == "none" else args.amp
     if args.batch_size < 1:
         p.error(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.workers < 0:
@@ -97,113 +99,28 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Reading weights
-
-
-def check_model_name(name: str) -> None:
-    if not timm.is_model(name):
-        raise EvalError(f"unknown model {name!r}: not a registered timm model (see timm.list_models())")
-
-
-def head_num_classes(model_name: str, state_dict: dict) -> int | None:
-    """Class count of the checkpoint's classifier, read from its weight (None if it has no such key)."""
-    cfg = timm.models.get_pretrained_cfg(model_name)
-    classifiers = (cfg.classifier if cfg else None) or "head"
-    for name in (classifiers,) if isinstance(classifiers, str) else classifiers:
-        weight = state_dict.get(f"{name}.weight")
-        if weight is not None:
-            return weight.shape[0]
-    return None
-
-
-def load_external_model(name: str, model_kwargs: dict, state_dict: dict, path: Path):
-    """Build timm model `name` from a foreign weight file, through the model's checkpoint filter."""
-    check_model_name(name)
-    num_classes = head_num_classes(name, state_dict)
-    head = {"num_classes": num_classes} if num_classes is not None else {}
-    # The overlay's num_classes tells timm that the head in `state_dict` is the one to keep (it drops heads
-    # whose class count differs from the pretrained config's, and then loads non-strictly).
-    overlay = dict(state_dict=state_dict, **head)
-    try:
-        model = timm.create_model(
-            name, pretrained=True, pretrained_cfg_overlay=overlay, **model_kwargs, **head
-        )
-    except (RuntimeError, KeyError, ValueError) as e:  # load_state_dict, or a checkpoint filter, refused it
-        reference = timm.create_model(name, pretrained=False, **model_kwargs, **head)
-        mismatch = "; ".join(describe_mismatch(reference.state_dict(), state_dict)) or _first_line(e)
-        raise EvalError(f"{path} does not fit model {name}: {mismatch}") from e
-    model.pretrained_cfg.pop("state_dict", None)  # do not keep a second reference to the weights
-    return model
-
-
-def load_run_checkpoint(path: Path, ema: bool, model_name: str | None, model_kwargs: dict):
-    """A kat training checkpoint (run dir -> its latest, or a step dir): the model is described in meta.json."""
-    try:
-        ckpt_dir = resolve_checkpoint(path, weights_only=True)  # training_state.pt is not needed here
-    except (OSError, ValueError) as e:
-        raise EvalError(_first_line(e)) from e
-    try:
-        state_dict, meta = read_checkpoint(ckpt_dir, ema=ema)
-    except SafetensorError as e:
-        weights = ckpt_dir / (EMA_FILE if ema else MODEL_FILE)
-        raise EvalError(f"cannot read {weights}: it is truncated or corrupt ({_first_sentence(e)})") from e
-    except (OSError, ValueError) as e:
-        raise EvalError(_first_line(e)) from e
-    if model_name and model_name != meta["model"]:
-        raise EvalError(f"{ckpt_dir} holds a {meta['model']} model, not {model_name}; drop --model")
-    if model_kwargs:
-        raise EvalError(f"{ckpt_dir} describes its model in meta.json; drop --model_kwargs")
-
-    check_model_name(meta["model"])
-    kwargs = {**(meta.get("model_kwargs") or {}), "num_classes": meta["num_classes"]}
-    model = timm.create_model(meta["model"], **kwargs)
-    mismatch = describe_mismatch(model.state_dict(), state_dict)
-    if mismatch:
-        raise EvalError(f"{ckpt_dir} does not fit model {meta['model']}({kwargs}): {'; '.join(mismatch)}")
-    model.load_state_dict(state_dict, strict=True)
-    identity = dict(
-        model=meta["model"], checkpoint=str(ckpt_dir), step=meta.get("step"), epoch=meta.get("epoch"), ema=ema
-    )
-    return model, identity, meta
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Resolving what to evaluate
 
 
 def load_checkpoint(args) -> tuple[torch.nn.Module, dict, dict | None]:
     """Returns (model, identity, meta): identity says which weights these are; meta is None for foreign files."""
-    path = Path(args.checkpoint)
-    if not path.exists():
-        raise EvalError(f"checkpoint {path} does not exist")
-    if path.is_dir():
-        return load_run_checkpoint(path, args.ema, args.model, args.model_kwargs)
-    if (path.parent / META_FILE).is_file():  # a file inside one of our checkpoint dirs
-        if path.name not in (MODEL_FILE, EMA_FILE) or (args.ema and path.name == MODEL_FILE):
-            raise EvalError(
-                f"{path}: pass the checkpoint directory {path.parent} (with --ema for the EMA weights)"
-            )
-        return load_run_checkpoint(path.parent, path.name == EMA_FILE, args.model, args.model_kwargs)
-
-    if not args.model:
-        raise EvalError(f"{path} has no meta.json beside it, so pass --model NAME (a timm model name)")
     try:
-        checkpoint = read_checkpoint_file(path)
-        state_dict = unwrap_state_dict(checkpoint, ema=args.ema, source=str(path))
+        model, weights = kat.weights.create_model(
+            args.checkpoint, model=args.model, model_kwargs=args.model_kwargs, ema=args.ema
+        )
     except MissingWeightsError as e:  # unlike timm's loader, never fall back to the other weights
-        raise EvalError(f"{e}; {'drop' if args.ema else 'pass'} --ema") from e
+        raise EvalError(f"{e}; {'drop' if args.ema else 'pass'} --ema") from None
     except CheckpointError as e:
-        raise EvalError(str(e)) from e
-    model = load_external_model(args.model, args.model_kwargs, state_dict, path)
-    epoch = checkpoint.get("epoch")
+        raise EvalError(_first_line(e)) from None
+    meta = weights.meta
     identity = dict(
-        model=args.model,
-        checkpoint=str(path),
-        step=None,
-        epoch=epoch if isinstance(epoch, int) else None,
-        ema=args.ema,
+        model=meta["model"] if meta else args.model,
+        checkpoint=weights.description,
+        step=meta.get("step") if meta else None,
+        epoch=weights.epoch,
+        ema=weights.ema,
     )
-    return model, identity, None
+    return model, identity, meta
 
 
 def resolve_eval_data_config(model, meta: dict | None, args) -> dict:
@@ -232,11 +149,11 @@ def check_input_size(model, data_config: dict) -> None:
 
 
 def data_dir_of(meta: dict | None, args) -> Path:
-    if args.data:
-        return Path(args.data)
+    if args.data_dir:
+        return Path(args.data_dir)
     data_dir = ((meta or {}).get("config") or {}).get("data_dir")  # the training run's
     if not data_dir:
-        raise EvalError("no dataset given: pass --data DIR (a folder holding <split>/<class>/<image>)")
+        raise EvalError("no dataset given: pass --data_dir DIR (a folder holding <split>/<class>/<image>)")
     return Path(data_dir)
 
 
@@ -246,17 +163,11 @@ def build_dataset(data_dir: Path, split: str, data_config: dict) -> ImageFolderD
     if not split_dir.is_dir():
         raise EvalError(
             f"split folder {split_dir} does not exist (expected {data_dir}/<split>/<class>/<image>); "
-            "check --data and --split"
+            "check --data_dir and --split"
         )
-    transform = create_transform(
-        input_size=tuple(data_config["input_size"]),
-        interpolation=data_config["interpolation"],
-        mean=tuple(data_config["mean"]),
-        std=tuple(data_config["std"]),
-        crop_pct=data_config["crop_pct"],
-        is_training=False,
-        use_prefetcher=True,  # uint8 out: DeviceLoader normalises on the device, as in training
-    )
+    # uint8 out, as in training: DeviceLoader normalises on the device. The default config only shapes the
+    # training transform, which is not used here.
+    _, transform = build_transforms(TrainConfig(), data_config)
     try:
         dataset = ImageFolderDataset(split_dir, transform, max_bad_images=0)
     except (DataError, FileNotFoundError) as e:
@@ -314,7 +225,7 @@ def format_table(r: dict) -> str:
         ),
         (
             "device",
-            f"{r['device']} x {r['num_processes']} process(es), amp {r['amp']}"
+            f"{r['device']} x {r['num_processes']} process(es), mixed precision {r['mixed_precision']}"
             + (f", GR-KAN backend {r['rational_backend']}" if r["rational_backend"] else ""),
         ),
         ("top-1", f"{r['top1']:.3f} %"),
@@ -362,7 +273,7 @@ def run(args) -> dict:
         disable=args.no_progress or not accelerator.is_main_process,
     )
     metrics = evaluate(
-        model, loader, accelerator, amp_dtype=AMP_DTYPES[args.amp], progress=lambda _: bar.update(1)
+        model, loader, accelerator, amp_dtype=AMP_DTYPES[args.mixed_precision], progress=lambda _: bar.update(1)
     )
     bar.close()
     if dataset.num_bad_images:  # kat.data substituted the next readable image for each; the counts are off
@@ -379,10 +290,10 @@ def run(args) -> dict:
         "num_classes": len(dataset.classes),
         "data_config": data_config,
         "batch_size": args.batch_size,
-        "amp": args.amp,
+        "mixed_precision": args.mixed_precision,
         "device": str(accelerator.device),
         "num_processes": accelerator.num_processes,
-        "rational_backend": rational_backend(model, accelerator.device, AMP_DTYPES[args.amp]),
+        "rational_backend": rational_backend(model, accelerator.device, AMP_DTYPES[args.mixed_precision]),
         "versions": {"torch": torch.__version__, "timm": timm.__version__},
     }
     if accelerator.is_main_process:
@@ -415,10 +326,6 @@ def _yaml_mapping(text: str) -> dict:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0]
-
-
-def _first_sentence(e: BaseException) -> str:
-    return _first_line(e).split(". ")[0]
 
 
 def _abbrev(items: list, limit: int = 5) -> str:

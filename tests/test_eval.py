@@ -104,7 +104,7 @@ def test_published_kat_pth_with_wrappers(tmp_path, data_dir):
         "kat_tiny",
         "--model_kwargs",
         json.dumps(kwargs),
-        "--data",
+        "--data_dir",
         data_dir,
     ]
     assert run_eval(*argv, "--batch_size", 4, "--json", out) == 0
@@ -137,7 +137,7 @@ def test_safetensors_timm_model_and_overrides(tmp_path, data_dir, capsys):
     save_file(model.state_dict(), path)
     out = tmp_path / "r.json"
     overrides = ["--crop_pct", 0.8, "--interpolation", "bilinear", "--mean", 0.4, 0.4, 0.4]
-    argv = ["--checkpoint", path, "--model", "test_vit", "--data", data_dir, "--batch-size", 4, *overrides]
+    argv = ["--checkpoint", path, "--model", "test_vit", "--data_dir", data_dir, "--batch-size", 4, *overrides]
     assert run_eval(*argv, "--json", out) == 0
     results = json.loads(out.read_text())
     assert results["data_config"]["crop_pct"] == 0.8
@@ -155,7 +155,7 @@ def test_ema_flag_picks_the_ema_weights(tmp_path, data_dir):
     torch.save({"state_dict": model.state_dict(), "state_dict_ema": ema.state_dict(), "epoch": 4}, path)
     for flags, expected in (([], model), (["--ema"], ema)):
         out = tmp_path / f"r{len(flags)}.json"
-        argv = ["--checkpoint", path, "--model", "test_vit", "--data", data_dir, "--json", out]
+        argv = ["--checkpoint", path, "--model", "test_vit", "--data_dir", data_dir, "--json", out]
         assert run_eval(*argv, *flags) == 0
         results = json.loads(out.read_text())
         assert results["ema"] == bool(flags)
@@ -255,7 +255,7 @@ def _error_case(case: str, tmp: Path, data_dir: Path) -> tuple[list, list[str]]:
     """(eval.py arguments, substrings the error line must contain) for one kind of bad input."""
     good = tmp / "good.safetensors"
     save_file(tiny_vit().state_dict(), good)
-    base = ["--model", "test_vit", "--data", data_dir]
+    base = ["--model", "test_vit", "--data_dir", data_dir]
     if case == "missing":
         return ["--checkpoint", tmp / "nope.pth", *base], ["nope.pth", "does not exist"]
     if case == "truncated_safetensors":
@@ -306,9 +306,9 @@ def _error_case(case: str, tmp: Path, data_dir: Path) -> tuple[list, list[str]]:
         path = tmp / "kat.safetensors"
         save_file(timm.create_model("kat_tiny", num_classes=3, **kwargs).state_dict(), path)
         argv = ["--checkpoint", path, "--model", "kat_tiny", "--model_kwargs", json.dumps(kwargs)]
-        return [*argv, "--data", data_dir, "--img_size", 48], ["takes 32x32 inputs, not 48x48", "img_size"]
+        return [*argv, "--data_dir", data_dir, "--img_size", 48], ["takes 32x32 inputs, not 48x48", "img_size"]
     if case == "unknown_model":
-        return ["--checkpoint", good, "--model", "kat_gigantic", "--data", data_dir], ["kat_gigantic"]
+        return ["--checkpoint", good, "--model", "kat_gigantic", "--data_dir", data_dir], ["kat_gigantic"]
     if case == "run_without_ema":
         step = save_run_checkpoint(tmp / "run", 2, tiny_vit(), data_dir=data_dir)
         return ["--checkpoint", tmp / "run", "--ema"], [str(step), "no EMA weights"]
@@ -335,7 +335,7 @@ def _error_case(case: str, tmp: Path, data_dir: Path) -> tuple[list, list[str]]:
         (tmp / "empty_run").mkdir()
         return ["--checkpoint", tmp / "empty_run"], ["empty_run", "neither a checkpoint directory"]
     if case == "no_model":
-        return ["--checkpoint", good, "--data", data_dir], ["--model"]
+        return ["--checkpoint", good, "--data_dir", data_dir], ["--model"]
     raise AssertionError(case)
 
 
@@ -376,7 +376,7 @@ def test_command_line_error_has_no_traceback(tmp_path):
     """The real entry point: exit code 2 and no traceback, also when the error surfaces deep inside."""
     path = tmp_path / "w.pth"
     path.write_bytes(b"not a checkpoint")
-    argv = ["--checkpoint", str(path), "--model", "test_vit", "--data", str(tmp_path)]
+    argv = ["--checkpoint", str(path), "--model", "test_vit", "--data_dir", str(tmp_path)]
     proc = subprocess.run(
         [sys.executable, "eval.py", *argv], cwd=REPO, capture_output=True, text=True, timeout=120
     )
@@ -409,7 +409,7 @@ def test_two_processes_count_every_image_once(tmp_path, data_dir):
     )
     launch += f" --dynamo_backend no --main_process_port {_free_port()}"
     evaluate = (
-        f"eval.py --cpu --checkpoint {path} --model test_vit --data {data_dir} --batch_size 2 --workers 0"
+        f"eval.py --cpu --checkpoint {path} --model test_vit --data_dir {data_dir} --batch_size 2 --workers 0"
     )
     cmd = [sys.executable, *launch.split(), *evaluate.split(), "--no_progress", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)

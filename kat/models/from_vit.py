@@ -1,6 +1,6 @@
 """KAT from ViT weights (the paper's KAT*): start a KAT from a trained timm ViT of the same size.
 
-A KAT is a ViT whose MLP `fc1 -> GELU -> fc2` became `act1 -> fc1 -> act2 -> fc2` (KAT_FACTS section 1), with the
+A KAT is a ViT whose MLP `fc1 -> GELU -> fc2` became `act1 -> fc1 -> act2 -> fc2` (docs/MODELS.md), with the
 same state-dict keys for everything but the rational coefficients. So a ViT's weights copy over key for key; with
 act1 the identity and act2 our rational fit of GELU (the ViT's own activation, max error 3.1e-3 on [-3, 3]), the
 converted KAT computes the ViT's function up to that fit error, and training continues from there.
@@ -10,7 +10,8 @@ everything must fit exactly, except a classifier with another class count, which
 
 ViT weights come as a state dict (.safetensors/.pth), as a JAX `.npz` (Google's augreg release) or as a timm
 model name plus a local file; the last two are read by timm into a timm ViT (`vit_from_npz`,
-`vit_from_timm_name`), whose state dict then converts like any other. Nothing is downloaded.
+`vit_from_timm_name`), whose state dict then converts like any other. Nothing is downloaded. Which source is
+which is kat.weights' job (`kat.weights.load`, `kat.weights.init_from`); this module converts.
 """
 
 import logging

@@ -15,6 +15,7 @@ Initialisation (`weight_init`); both use mimetic attention init, they differ onl
 
 import math
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as torch_module
 
 from kat.models.channel_mixer import channel_mixer
-from kat.models.pretrained import CheckpointMismatchError, checkpoint_filter_fn, load_checkpoint_file
+from kat.models.pretrained import CheckpointMismatchError, checkpoint_filter_fn
 from kat.rational import GroupRational, layer_norm_rational, vp_gain
 
 __all__ = ["KANMlp", "Kat", "KatBlock", "init_mimetic_attention"]
@@ -359,14 +360,18 @@ default_cfgs = generate_default_cfgs(
 def _create_kat(variant: str, pretrained: bool = False, **kwargs) -> Kat:
     """build_model_with_cfg for Kat; a local weights file (pretrained_cfg_overlay=dict(file=...)) is read by us.
 
-    We read the file safely (load_checkpoint_file) and hand timm its state dict. Its head's size becomes the
-    cfg's num_classes, so our own checkpoints with other class counts load without extra arguments (pass
-    num_classes to replace the head instead).
+    kat.weights.load reads the file safely (our checkpoints checksum-verified) and we hand timm its state dict.
+    Its head's size becomes the cfg's num_classes, so our own checkpoints with other class counts load without
+    extra arguments (pass num_classes to replace the head instead).
     """
     overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
     path = overlay.get("file")
     if pretrained and path and overlay.get("state_dict") is None:
-        overlay["state_dict"] = load_checkpoint_file(path)
+        from kat import weights  # kat.weights imports kat.models, so not at the top of this module
+
+        if Path(path).is_dir():  # timm's `file` is a file; kat.weights.load would take a run directory
+            raise FileNotFoundError(f"checkpoint {path} is a directory: pass a weights file in it (model.safetensors)")
+        overlay["state_dict"] = weights.load(path).state_dict
         head = overlay["state_dict"].get("head.weight")
         if head is not None:
             overlay.setdefault("num_classes", head.shape[0])

@@ -1,13 +1,13 @@
-"""Loading published KAT checkpoints and our own training checkpoints into the timm models.
+"""Reading weight files safely and fitting them to the timm models (kat.weights is the entry point).
 
 `read_checkpoint_file` reads a local file safely: `.pth`/`.pt` with torch.load(weights_only=True),
 `.safetensors` with safetensors. We do not hand local files to timm: timm before 1.0.2x reads them with
 torch.load(weights_only=False), which runs whatever code the pickle contains. `unwrap_state_dict` finds the
-weights inside a training checkpoint, `describe_mismatch` names the keys that do not fit a model; eval.py uses
-all three.
+weights inside a training checkpoint, `describe_mismatch` names the keys that do not fit a model.
 
-`checkpoint_filter_fn` is the timm `pretrained_filter_fn`: it turns a checkpoint (published layout, KAT_FACTS
-section 1, or ours) into the model's state dict and fails with the mismatched keys named when it does not fit.
+`checkpoint_filter_fn` is the timm `pretrained_filter_fn`: it turns a checkpoint (the published KAT layout,
+which is timm's ViT layout plus the rational coefficients, or ours) into the model's state dict and fails with
+the mismatched keys named when it does not fit.
 """
 
 import argparse
@@ -28,6 +28,7 @@ _EMA_KEYS = ("state_dict_ema", "model_ema")
 # timm's and DeiT's training scripts store their command line (an argparse.Namespace) next to the weights.
 _SAFE_GLOBALS = [argparse.Namespace]
 _MAX_LISTED = 8
+_RESAVE_WEIGHTS = "If you trust the file, re-save just its weights (a dict of tensors) and load that."
 
 
 class CheckpointError(ValueError):
@@ -45,8 +46,11 @@ class CheckpointMismatchError(CheckpointError):
     """
 
 
-def read_checkpoint_file(path: str | Path) -> dict:
-    """A local checkpoint file's top-level dict (weights and any training wrappers), read on CPU as data."""
+def read_checkpoint_file(path: str | Path, code_fix: str = _RESAVE_WEIGHTS) -> dict:
+    """A local checkpoint file's top-level dict (weights and any training wrappers), read on CPU as data.
+
+    code_fix: what the error for a file holding Python objects (code) tells the user to do.
+    """
     path = Path(path)
     if path.is_dir():
         raise FileNotFoundError(
@@ -63,14 +67,13 @@ def read_checkpoint_file(path: str | Path) -> dict:
     except pickle.UnpicklingError as e:
         unsafe = _unsafe_globals(path)
         if not unsafe:
-            raise _unreadable(path, e) from e
+            raise _unreadable(path, e) from None
         raise CheckpointError(
             f"checkpoint {path} holds Python objects ({_abbrev(unsafe)}) that torch.load(weights_only=True) "
-            "refuses to load: checkpoints are data, never code. If you trust the file, re-save just its weights "
-            "(torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pth')) and load that."
-        ) from e
+            f"refuses to load: checkpoints are data, never code. {code_fix}"
+        ) from None
     except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
-        raise _unreadable(path, e) from e
+        raise _unreadable(path, e) from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict")
     return checkpoint
@@ -212,8 +215,7 @@ def check_state_dict_fits(state_dict: dict[str, Tensor], model: nn.Module) -> No
         f"num_heads={model.blocks[0].attn.num_heads if len(model.blocks) else '?'}"
     )
     raise CheckpointMismatchError(
-        f"checkpoint does not fit {type(model).__name__}({arch}):"
-        + "".join(f"\n  {line}" for line in mismatch)
-        + "\nBuild the model the checkpoint was trained as (published weights: kat_{tiny,small,base}_patch16_224; "
-        "our checkpoints: 'model' and 'model_kwargs' in the checkpoint's meta.json)."
+        f"checkpoint does not fit {type(model).__name__}({arch}): {'; '.join(mismatch)}. Build the model the "
+        "checkpoint was trained as (published weights: kat_{tiny,small,base}_patch16_224; our checkpoints: "
+        "'model' and 'model_kwargs' in the checkpoint's meta.json)."
     )

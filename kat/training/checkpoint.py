@@ -1,4 +1,4 @@
-"""Checkpoints that are complete or absent, never half-written (format: /tmp/team_brief.md, "Checkpoint format").
+"""Checkpoints that are complete or absent, never half-written, and checked against bit rot when read.
 
     <run_dir>/step-00001234/{model.safetensors, ema.safetensors, meta.json, training_state.pt}
     <run_dir>/step-00001234/optimizer/    FSDP runs only: the optimizer state, one shard per process (DCP)
@@ -6,15 +6,26 @@
 
 A checkpoint is written into a hidden temp directory, every file fsynced, then renamed into place (rename is
 atomic); the `latest`/`best` pointers are replaced the same way, last. Older checkpoints are pruned only after
-the new one is in place. A checkpoint damaged afterwards (a partial copy, a full disk, a truncated file) is
-recognised without loading it: every file must be present and whole (safetensors: header and size agree;
-training_state.pt: a complete zip archive; optimizer/: DCP's .metadata, written last), and resuming skips such a
-checkpoint with a warning. Reading weights (eval.py, init_from) needs only meta.json and the weights files, so
-a checkpoint shared without training_state.pt and optimizer/ still evaluates. Under FSDP every process writes
-its optimizer shard into the same temp directory (`begin_checkpoint`, whose name depends only on the step)
-before rank 0 completes it with `save_checkpoint`.
+the new one is in place. A write that fails (full disk, read-only or missing output directory) removes its temp
+directory and raises CheckpointWriteError, one line naming the path and the cause; the checkpoints already
+there stay as they were.
+
+meta.json records the CRC-32 of each file it lists (`crc32`); reading a weights file or training_state.pt
+checks it, so a flipped bit inside a file of the right size is refused instead of trained on. Checkpoints
+written before the checksums existed have no `crc32` and are read unchecked.
+
+A checkpoint damaged afterwards (a partial copy, a full disk, a truncated file) is recognised without loading
+it: every file must be present and whole (safetensors: header and size agree; training_state.pt: a complete
+zip archive; optimizer/: DCP's .metadata, written last), and resuming skips such a checkpoint with a warning.
+Reading weights (eval.py, init_from: see kat.weights) needs only meta.json and the weights files, so a
+checkpoint shared without training_state.pt and optimizer/ still evaluates. Under FSDP every process writes its
+optimizer shard into the same temp directory (`begin_checkpoint`, whose name depends only on the step) before
+rank 0 completes it with `save_checkpoint`.
 """
 
+import contextlib
+import errno
+import io
 import json
 import logging
 import os
@@ -23,10 +34,13 @@ import shutil
 import struct
 import time
 import zipfile
+import zlib
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from kat.models.pretrained import CheckpointError, MissingWeightsError, read_checkpoint_file
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +54,47 @@ MODEL_FILE, EMA_FILE, META_FILE, STATE_FILE, OPTIMIZER_SHARDS = (
 )
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _TMP_PREFIX = ".tmp-step-"
+_POINTERS = ("latest", "best")
+
+# meta.json keys with the types they must have; the required ones are what building the model needs.
+_META_TYPES = {
+    "format": str,
+    "model": str,
+    "model_kwargs": dict,
+    "num_classes": int,
+    "has_ema": bool,
+    "optimizer_shards": bool,
+    "step": int,
+    "epoch": int,
+    "class_names": list,
+    "data_config": dict,
+    "config": dict,
+    "metrics": dict,
+    "crc32": dict,
+}
+_META_REQUIRED = ("model", "model_kwargs", "num_classes")
+# training_state.pt entries the training loop reads on resume, with their types (None: may be null).
+_STATE_TYPES = {
+    "step": int,
+    "epoch": int,
+    "samples_in_epoch": int,
+    "global_batch_size": int,
+    "best_top1": (int, float),
+    "optimizer": (dict, type(None)),
+    "scheduler": dict,
+    "scaler": (dict, type(None)),
+    "rng": list,
+}
+_TYPE_NAMES = {str: "a string", dict: "a mapping", int: "an integer", bool: "true or false", list: "a list"}
+_STATE_FIX = "resume from another checkpoint (--resume <step dir>), or start a new --run_name"
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (no space left, read-only or unusable output directory).
+
+    The message is one line naming the path and the cause; nothing half-written is left behind and the
+    checkpoints already there are intact.
+    """
 
 
 def checkpoint_name(step: int) -> str:
@@ -64,6 +119,21 @@ def _write_pointer(run_dir: Path, name: str, target: str) -> None:
     _fsync_path(tmp)
     os.replace(tmp, run_dir / name)
     _fsync_path(run_dir)
+
+
+def _crc32_file(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def _write_file(path: Path, data: bytes) -> str:
+    """Write `data` to `path`; returns its CRC-32 (computed on the bytes in memory, not read back)."""
+    with open(path, "wb") as f:
+        f.write(data)
+    return f"{zlib.crc32(data):08x}"
 
 
 def _safetensors_whole(path: Path) -> bool:
@@ -143,35 +213,96 @@ def resolve_checkpoint(path: str | Path, weights_only: bool = False) -> Path:
     if (path / META_FILE).is_file():
         damaged = damaged_file(path, weights_only)
         if damaged is not None:
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint '{path}' is incomplete: {damaged} is missing, truncated or corrupt; use another "
                 "checkpoint (the run directory resumes from its newest complete one)"
             )
         return path
     checkpoints = list_checkpoints(path, weights_only=weights_only) if path.is_dir() else []
     if not checkpoints:
-        raise ValueError(
+        raise CheckpointError(
             f"'{path}' is neither a checkpoint directory (with {META_FILE}) nor a run directory holding a "
             f"complete step-XXXXXXXX checkpoint"
         )
     return checkpoints[-1]
 
 
-def read_checkpoint(path: str | Path, ema: bool = False) -> tuple[dict, dict]:
-    """(state_dict, meta) of a checkpoint or run directory; ema=True returns the EMA weights."""
-    checkpoint_dir = resolve_checkpoint(path, weights_only=True)
-    meta = json.loads((checkpoint_dir / META_FILE).read_text())
-    if ema and not meta.get("has_ema"):
-        raise ValueError(f"checkpoint '{checkpoint_dir}' has no EMA weights (the run had model_ema: false)")
-    if ema and not _safetensors_whole(checkpoint_dir / EMA_FILE):
-        raise ValueError(
-            f"checkpoint '{checkpoint_dir}': {checkpoint_dir / EMA_FILE} is missing, truncated or corrupt"
+def _type_error(where: str, key: str, value, expected) -> str | None:
+    """Why `value` is not of type `expected` (None when it is); bool does not count as an integer."""
+    types = expected if isinstance(expected, tuple) else (expected,)
+    if isinstance(value, types) and not (isinstance(value, bool) and bool not in types):
+        return None
+    wanted = " or ".join(_TYPE_NAMES.get(t, "null" if t is type(None) else t.__name__) for t in types)
+    return f"{where}: '{key}' is {value!r:.40} ({type(value).__name__}), not {wanted}"
+
+
+def read_meta(checkpoint_dir: Path) -> dict:
+    """meta.json of a checkpoint, its keys checked: CheckpointError naming the key when one is wrong."""
+    path = checkpoint_dir / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"cannot read {path}: {error}; use another checkpoint") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} holds a {type(meta).__name__}, not a mapping; use another checkpoint")
+    missing = [key for key in _META_REQUIRED if key not in meta]
+    if missing:
+        raise CheckpointError(
+            f"{path} lacks the key(s) {', '.join(missing)}; restore the file or use another checkpoint"
         )
-    return load_file(checkpoint_dir / (EMA_FILE if ema else MODEL_FILE)), meta
+    for key, expected in _META_TYPES.items():
+        if meta.get(key) is not None or key in _META_REQUIRED:
+            wrong = _type_error(str(path), key, meta.get(key), expected)
+            if wrong:
+                raise CheckpointError(f"{wrong}; restore the file or use another checkpoint")
+    return meta
+
+
+def verify_file(checkpoint_dir: Path, name: str, meta: dict) -> None:
+    """Check `name` against the CRC-32 meta.json recorded for it (checkpoints from before checksums: no check)."""
+    expected = (meta.get("crc32") or {}).get(name)
+    if expected is None:
+        return
+    actual = _crc32_file(checkpoint_dir / name)
+    if actual != expected:
+        raise CheckpointError(
+            f"{checkpoint_dir / name} is damaged: its CRC-32 is {actual}, meta.json recorded {expected} (bit rot "
+            "or a modified file); use another checkpoint"
+        )
+
+
+def read_checkpoint(path: str | Path, ema: bool = False) -> tuple[dict, dict]:
+    """(state_dict, meta) of a checkpoint or run directory, checksum verified; ema=True: the EMA weights."""
+    checkpoint_dir = resolve_checkpoint(path, weights_only=True)
+    meta = read_meta(checkpoint_dir)
+    if ema and not meta.get("has_ema"):
+        raise MissingWeightsError(
+            f"checkpoint '{checkpoint_dir}' has no EMA weights (the run had model_ema: false)"
+        )
+    name = EMA_FILE if ema else MODEL_FILE
+    if not _safetensors_whole(checkpoint_dir / name):
+        raise CheckpointError(
+            f"checkpoint '{checkpoint_dir}': {checkpoint_dir / name} is missing, truncated or corrupt"
+        )
+    verify_file(checkpoint_dir, name, meta)
+    return load_file(checkpoint_dir / name), meta
 
 
 def read_training_state(checkpoint_dir: Path) -> dict:
-    return torch.load(checkpoint_dir / STATE_FILE, map_location="cpu", weights_only=True)
+    """training_state.pt, checksum verified and its entries checked; read as data (weights_only=True)."""
+    meta = read_meta(checkpoint_dir)
+    path = checkpoint_dir / STATE_FILE
+    # Read (as data) before the checksum check, so that a file holding code is reported as such.
+    state = read_checkpoint_file(path, code_fix=f"kat writes only tensors and plain values there: {_STATE_FIX}.")
+    verify_file(checkpoint_dir, STATE_FILE, meta)
+    missing = [key for key in _STATE_TYPES if key not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks the entries {', '.join(missing)}; {_STATE_FIX}")
+    for key, expected in _STATE_TYPES.items():
+        wrong = _type_error(str(path), key, state[key], expected)
+        if wrong:
+            raise CheckpointError(f"{wrong}; {_STATE_FIX}")
+    return state
 
 
 def _cpu_fp32(state_dict: dict) -> dict:
@@ -186,12 +317,42 @@ def checkpoint_tmp_dir(run_dir: Path, step: int) -> Path:
     return run_dir / f"{_TMP_PREFIX}{step:08d}"
 
 
+def _write_error(path: Path, error: OSError) -> CheckpointWriteError:
+    """One line naming what could not be written and why, in words rather than an errno."""
+    causes = {
+        errno.ENOSPC: "no space left on device",
+        errno.EDQUOT: "disk quota exceeded",
+        errno.EROFS: "read-only file system",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+    }
+    cause = causes.get(error.errno) or (error.strerror or str(error)).lower()
+    if error.errno in (errno.ENOTDIR, errno.EEXIST):
+        blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            cause = f"{blocking} is a file, not a directory"
+    where = f" (writing {error.filename})" if error.filename else ""
+    return CheckpointWriteError(
+        f"cannot write checkpoint {path}: {cause}{where}; the checkpoints already there are intact"
+    )
+
+
+def _remove_partial(run_dir: Path, tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name in _POINTERS:
+        with contextlib.suppress(OSError):  # the directory may be read-only: nothing was written there then
+            (run_dir / f".{name}.tmp").unlink(missing_ok=True)
+
+
 def begin_checkpoint(run_dir: Path, step: int) -> Path:
     """An empty checkpoint_tmp_dir, after removing leftovers of interrupted saves (on rank 0 only)."""
     for stale in run_dir.glob(f"{_TMP_PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = checkpoint_tmp_dir(run_dir, step)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as error:
+        raise _write_error(run_dir / checkpoint_name(step), error) from None
     return tmp
 
 
@@ -210,42 +371,58 @@ def save_checkpoint(
     """Write step-XXXXXXXX atomically, then update `latest` (and `best`), then prune old checkpoints.
 
     tmp: a begin_checkpoint directory that already holds the optimizer shards (FSDP); None starts afresh.
+    Raises CheckpointWriteError (after removing the partial write) when a file cannot be written.
     """
     name = checkpoint_name(step)
+    final = run_dir / name
     tmp = tmp or begin_checkpoint(run_dir, step)
-    optimizer_shards = (tmp / OPTIMIZER_SHARDS).is_dir()
+    try:
+        _write_checkpoint(tmp, model_state, ema_state, training_state, meta)
+        if final.exists():
+            # A resume from an older checkpoint is overwriting history: keep the old one, renamed, rather than
+            # lose it.
+            aside = run_dir / f"{name}.replaced-{int(time.time())}"
+            logger.warning("%s already exists (from an earlier run); moving it to %s", final, aside)
+            os.replace(final, aside)
+        os.replace(tmp, final)
+        _fsync_path(run_dir)
+        _write_pointer(run_dir, "latest", name)
+        if is_best:
+            _write_pointer(run_dir, "best", name)
+    except OSError as error:
+        _remove_partial(run_dir, tmp)
+        raise _write_error(final, error) from None
+    _prune(run_dir, keep)
+    return final
 
-    save_file(_cpu_fp32(model_state), tmp / MODEL_FILE, metadata={"format": "pt"})
+
+def _write_checkpoint(tmp: Path, model_state: dict, ema_state: dict | None, training_state: dict, meta: dict):
+    """The checkpoint's files in `tmp`, fsynced; meta.json (last) records their CRC-32."""
+    crc32 = {MODEL_FILE: _write_file(tmp / MODEL_FILE, save(_cpu_fp32(model_state), metadata={"format": "pt"}))}
     if ema_state is not None:
-        save_file(_cpu_fp32(ema_state), tmp / EMA_FILE, metadata={"format": "pt"})
-    torch.save(training_state, tmp / STATE_FILE)
+        crc32[EMA_FILE] = _write_file(tmp / EMA_FILE, save(_cpu_fp32(ema_state), metadata={"format": "pt"}))
+    buffer = io.BytesIO()
+    torch.save(training_state, buffer)
+    crc32[STATE_FILE] = _write_file(tmp / STATE_FILE, buffer.getbuffer())
+    optimizer_shards = (tmp / OPTIMIZER_SHARDS).is_dir()
     (tmp / META_FILE).write_text(
         json.dumps(
-            {"format": FORMAT, **meta, "has_ema": ema_state is not None, "optimizer_shards": optimizer_shards},
+            {
+                "format": FORMAT,
+                **meta,
+                "has_ema": ema_state is not None,
+                "optimizer_shards": optimizer_shards,
+                "crc32": crc32,
+            },
             indent=2,
         )
     )
     for path in [*tmp.rglob("*"), tmp]:
         _fsync_path(path)
 
-    final = run_dir / name
-    if final.exists():
-        # A resume from an older checkpoint is overwriting history: keep the old one, renamed, rather than lose it.
-        aside = run_dir / f"{name}.replaced-{int(time.time())}"
-        logger.warning("%s already exists (from an earlier run); moving it to %s", final, aside)
-        os.replace(final, aside)
-    os.replace(tmp, final)
-    _fsync_path(run_dir)
-
-    _write_pointer(run_dir, "latest", name)
-    if is_best:
-        _write_pointer(run_dir, "best", name)
-    _prune(run_dir, keep)
-    return final
-
 
 def _prune(run_dir: Path, keep: int) -> None:
-    protected = {(run_dir / p).read_text().strip() for p in ("latest", "best") if (run_dir / p).is_file()}
+    protected = {(run_dir / p).read_text().strip() for p in _POINTERS if (run_dir / p).is_file()}
     checkpoints = list_checkpoints(run_dir, warn=False)
     for old in checkpoints[: max(len(checkpoints) - keep, 0)]:
         if old.name not in protected:
