@@ -22,15 +22,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import timm
 import torch
 import yaml
-from safetensors import SafetensorError
 from timm.models._hub import save_for_hf  # timm.models exports it from 1.0.16; _hub has it from 1.0.15 on
 
-import kat  # noqa: F401  (registers the KAT models with timm)
-from kat.models.pretrained import describe_mismatch
-from kat.training.checkpoint import EMA_FILE, MODEL_FILE, read_checkpoint, resolve_checkpoint
+import kat.weights
+from kat.models.pretrained import CheckpointError, MissingWeightsError
 
 # Opset 18: the dynamo exporter's native one; onnxruntime >= 1.14 runs it, recent TensorRT parsers read it.
 ONNX_OPSET = 18
@@ -44,23 +41,16 @@ class ExportError(Exception):
 def load_run(checkpoint: str | Path, ema: bool = False) -> tuple[torch.nn.Module, dict, Path]:
     """(model in eval mode, meta, checkpoint dir) of a run dir (newest complete checkpoint) or a step dir."""
     try:
-        ckpt_dir = resolve_checkpoint(checkpoint, weights_only=True)
-        state_dict, meta = read_checkpoint(ckpt_dir, ema=ema)
-    except SafetensorError as e:
-        weights = ckpt_dir / (EMA_FILE if ema else MODEL_FILE)
-        raise ExportError(f"cannot read {weights}: it is truncated or corrupt ({e})") from e
-    except (OSError, ValueError) as e:
-        hint = "; drop --ema" if ema and "no EMA weights" in str(e) else ""
-        raise ExportError(f"{str(e).splitlines()[0]}{hint}") from e
-    if not timm.is_model(meta["model"]):
-        raise ExportError(f"{ckpt_dir}/meta.json names model {meta['model']!r}, which timm does not know")
-    kwargs = {**(meta.get("model_kwargs") or {}), "num_classes": meta["num_classes"]}
-    model = timm.create_model(meta["model"], **kwargs)
-    mismatch = describe_mismatch(model.state_dict(), state_dict)
-    if mismatch:
-        raise ExportError(f"{ckpt_dir} does not fit model {meta['model']}({kwargs}): {'; '.join(mismatch)}")
-    model.load_state_dict(state_dict, strict=True)
-    return model.eval(), meta, ckpt_dir
+        model, weights = kat.weights.create_model(checkpoint, ema=ema)
+    except MissingWeightsError as e:
+        raise ExportError(f"{e}; drop --ema") from None
+    except CheckpointError as e:
+        raise ExportError(str(e).splitlines()[0]) from None
+    if weights.meta is None:  # a bare weights file: no classes, preprocessing or run to describe
+        raise ExportError(
+            f"{checkpoint} is not one of our runs or checkpoints (no meta.json): pass a run dir"
+        )
+    return model, weights.meta, Path(weights.description)
 
 
 def architecture_args(meta: dict) -> dict:
@@ -103,10 +93,9 @@ def model_card(meta: dict, ckpt_dir: Path, ema: bool) -> str:
         "---",
         f"# {name}",
         "",
-        f"A Kolmogorov-Arnold Transformer ({meta['model']}, arXiv:2409.10594) trained with kat: the "
-        f"{weights} "
-        f"of checkpoint `{ckpt_dir.name}` (step {meta.get('step')}, epoch {meta.get('epoch')}), "
-        f"{meta['num_classes']} classes.",
+        f"A Kolmogorov-Arnold Transformer ({meta['model']}, arXiv:2409.10594) trained with kat, "
+        f"{meta['num_classes']} classes: the {weights} of checkpoint `{ckpt_dir.name}` (step "
+        f"{meta.get('step')}, epoch {meta.get('epoch')}).",
         "",
         "## Use",
         "",
@@ -114,7 +103,7 @@ def model_card(meta: dict, ckpt_dir: Path, ema: bool) -> str:
         "import timm",
         "import kat  # registers the KAT models with timm (pip install the kat repository)",
         "",
-        "model = timm.create_model('local-dir:PATH_TO_THIS_FOLDER', pretrained=True).eval()",
+        "model = timm.create_model('local-dir:PATH_TO_THIS_FOLDER', pretrained=True).eval()  # timm >= 1.0.16",
         "# or, once uploaded: timm.create_model('hf-hub:USER/REPO', pretrained=True)",
         "cfg = timm.data.resolve_model_data_config(model)  # input size, interpolation, mean/std, crop",
         "transform = timm.data.create_transform(**cfg)",

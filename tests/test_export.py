@@ -5,6 +5,7 @@ import json
 import pytest
 import timm
 import torch
+from safetensors.torch import save_file
 
 from kat.export import main
 from kat.training.checkpoint import checkpoint_name, save_checkpoint
@@ -161,6 +162,11 @@ def test_bad_input_one_line_errors(tmp_path, capsys):
     assert "incomplete" in err and "model.safetensors" in err
     err = _fail(["--checkpoint", str(run_dir), "--format", "hf", "--out", out], capsys)
     assert "complete" in err
+
+    bare = tmp_path / "weights.safetensors"
+    save_file(tiny_model(0).state_dict(), bare)
+    err = _fail(["--checkpoint", str(bare), "--format", "hf", "--out", out], capsys)
+    assert "no meta.json" in err
 
     file_out = tmp_path / "file"
     file_out.write_text("keep")
