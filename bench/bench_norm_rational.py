@@ -37,6 +37,7 @@ from _report import environment, finish  # noqa: E402
 from kat.rational import group_rational, norm_rational_kernels  # noqa: E402
 from kat.rational.coefficients import init_coefficients  # noqa: E402
 from kat.rational.norm_rational import layer_norm_rational, layer_norm_rational_reference  # noqa: E402
+from kat.triton_utils import INTERPRETED  # noqa: E402
 
 GROUPS = 8
 EPS = 1e-6
@@ -221,7 +222,7 @@ def main():
     SHAPE[0] = args.batch
     if not torch.cuda.is_available():
         sys.exit("bench_norm_rational.py needs a CUDA GPU")
-    if norm_rational_kernels.INTERPRETED:
+    if INTERPRETED:
         sys.exit("TRITON_INTERPRET=1 is set: unset it to benchmark the compiled kernels")
     device = torch.device(args.device)
     if device.index is None:  # 'cuda' means the current device

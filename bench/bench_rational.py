@@ -34,6 +34,7 @@ from _report import environment, finish  # noqa: E402
 from kat.rational import group_rational, kernels  # noqa: E402
 from kat.rational.coefficients import init_coefficients  # noqa: E402
 from kat.rational.reference import group_rational_reference  # noqa: E402
+from kat.triton_utils import INTERPRETED  # noqa: E402
 
 GROUPS = 8
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -203,7 +204,7 @@ def main():
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_rational.py needs a CUDA GPU")
-    if device.type == "cuda" and kernels.INTERPRETED:
+    if device.type == "cuda" and INTERPRETED:
         sys.exit("TRITON_INTERPRET=1 is set: unset it to benchmark the compiled kernels")
     channels_list = [int(c) for c in args.channels.split(",")]
     compile_channels = {int(c) for c in args.compile_channels.split(",") if c}

@@ -6,7 +6,7 @@ rounds) so that clock or thermal drift hits every model alike; the median round 
 
     python bench/bench_train.py --json $OUT/train.json               # kat/vit tiny, small, base; eager + compile
     python bench/bench_train.py --models kat_small,vit_small_patch16_224 --compile off --profile
-    python bench/bench_train.py --models kat_small,kat_small@fuse_bias_act=0,vit_small_patch16_224  # a variant
+    python bench/bench_train.py --models kat_small,kat_small@fused=0,vit_small_patch16_224  # a variant
 
 Peak memory is the step's peak of allocated memory attributable to that model: everything this model holds
 (parameters, gradients, optimizer state) plus its activations, excluding the other resident models.
@@ -30,7 +30,7 @@ import kat  # noqa: E402  (registers the KAT models)
 
 PAIRS = {"tiny": ("kat_tiny", "vit_tiny_patch16_224"), "small": ("kat_small", "vit_small_patch16_224"),
          "base": ("kat_base", "vit_base_patch16_224")}
-DROP_PATH = {"tiny": 0.1, "small": 0.1, "base": 0.4}  # the recipe's (KAT_FACTS section 4), same for ViT
+DROP_PATH = {"tiny": 0.1, "small": 0.1, "base": 0.4}  # the training recipe's (configs/kat_*.yaml), same for ViT
 
 
 def size_of(name: str) -> str:
@@ -38,7 +38,7 @@ def size_of(name: str) -> str:
 
 
 def model_kwargs(name: str) -> dict:
-    """'kat_small@fuse_bias_act=0' -> {'fuse_bias_act': False}: a variant of a model, timed beside it."""
+    """'kat_small@fused=0' -> {'fused': False}: a variant of a model, timed beside it."""
     kwargs = {}
     for item in name.split("@")[1:]:
         key, value = item.split("=")
@@ -142,13 +142,13 @@ def profile_step(runner: Runner, top: int) -> dict:
 
 
 def check_fused_against_unfused(name: str, device, batch: int = 16) -> dict:
-    """Outputs and gradients of the fused model (KatBlock's norm2 -> act1 in one op) against the unfused one.
+    """Outputs and gradients of the fused model (fused=True, the default) against the plain one (fused=False).
 
     Same weights and inputs, bf16 autocast as in training; errors are norm-wise relative differences.
     """
     torch.manual_seed(0)
     fused = timm.create_model(name, num_classes=1000).to(device)
-    plain = timm.create_model(name, num_classes=1000, fuse_norm_act=False, fuse_bias_act=False).to(device)
+    plain = timm.create_model(name, num_classes=1000, fused=False).to(device)
     plain.load_state_dict(fused.state_dict())
     images = torch.randn(batch, 3, 224, 224, device=device)
     outputs, grads = [], []

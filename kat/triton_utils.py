@@ -62,3 +62,9 @@ def check_device(x: torch.Tensor, op_name: str) -> None:
         )
     if x.device.type not in ("cpu", "cuda"):
         raise RuntimeError(f"{op_name} backend='triton' does not support {x.device.type} tensors")
+
+
+def direct(kernel):
+    """The kernel itself: the launchers' default `wrap`. Inside a torch.library.triton_op they get
+    torch.library.wrap_triton instead, which lets torch.compile see and launch the kernels itself."""
+    return kernel

@@ -3,7 +3,7 @@ an output must be the fp32 math rounded once to its dtype."""
 
 import torch
 
-from kat.rational import kernels
+from kat.triton_utils import INTERPRETED
 
 # Half an ulp relative to the value: bf16/fp16 outputs must be fp32 math rounded once to the output dtype.
 HALF_ULP = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -13,7 +13,7 @@ def rounding_bound(dtype, backend):
     # The Triton interpreter truncates fp32 -> bf16 casts (compiled Triton rounds to nearest even, as checked
     # by the GPU test and bench/bench_rational.py): allow a full bf16 ulp there. TRITON_INTERPRET (see
     # conftest.py) decides this for every Triton kernel alike, the fused LayerNorm ones included.
-    if backend == "triton" and dtype == torch.bfloat16 and kernels.INTERPRETED:
+    if backend == "triton" and dtype == torch.bfloat16 and INTERPRETED:
         return 2.0**-7
     return HALF_ULP[dtype]
 

@@ -1,14 +1,12 @@
-"""The eager one-node channel mixer (kat.models.channel_mixer) against the composed ops it replaces (KANMlp
-with fuse_mixer=False): outputs, every gradient, saved activations, frozen parameters, and the cases where
-KANMlp must run its modules instead."""
+"""The eager one-node channel mixer (kat.models.channel_mixer) against its composition of the GR-KAN ops (what
+torch.compile traces): outputs, every gradient, saved activations, frozen parameters."""
 
 import pytest
-import timm
 import torch
 from devices import CUDA_TRITON_OPS
 
-import kat.models.kat as kat_model
 from kat.models import KANMlp
+from kat.models.channel_mixer import channel_mixer
 
 DIM, HIDDEN, GROUPS = 32, 64, 4
 # (backend, x dtype, autocast dtype): 'triton' on CPU runs the kernels in the Triton interpreter (conftest).
@@ -34,14 +32,22 @@ def make_mixer(seed: int = 0, bias: bool = True, norm_bias: bool = True, drop: f
     return norm, mlp
 
 
-def run(norm, mlp, x, fuse: bool, autocast_dtype=None, seed: int = 3):
-    """(output, {name: gradient}) of mlp.forward_fused_norm(x, norm) against a fixed random output gradient."""
-    mlp.fuse_mixer = fuse
+def mixer(norm, mlp, x, one_node: bool):
+    """channel_mixer(x, norm, mlp): eager as one node, or composed of the ops as torch.compile traces it (the
+    library ops, run eagerly)."""
+    with pytest.MonkeyPatch.context() as patch:
+        if not one_node:
+            patch.setattr(torch.compiler, "is_compiling", lambda: True)
+        return channel_mixer(x, norm, mlp)
+
+
+def run(norm, mlp, x, one_node: bool, autocast_dtype=None, seed: int = 3):
+    """(output, {name: gradient}) of channel_mixer(x, norm, mlp) against a fixed random output gradient."""
     params = {"x": x, **{f"norm.{n}": p for n, p in norm.named_parameters()}, **dict(mlp.named_parameters())}
     for t in params.values():
         t.grad = None
     with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-        y = mlp.forward_fused_norm(x, norm)
+        y = mixer(norm, mlp, x, one_node)
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype).to(x.device)
     y.backward(g)
     return y.detach(), {n: t.grad for n, t in params.items() if t.requires_grad}, g
@@ -104,40 +110,7 @@ def test_one_node_saves_no_more_than_the_composed_ops(monkeypatch):
     norm, mlp = make_mixer()
     x = torch.randn(4, 9, DIM, requires_grad=True)
     sizes = {}
-    for fuse in (True, False):
-        mlp.fuse_mixer = fuse
+    for one_node in (True, False):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            sizes[fuse] = saved_bytes(lambda: mlp.forward_fused_norm(x, norm))
+            sizes[one_node] = saved_bytes(lambda one_node=one_node: mixer(norm, mlp, x, one_node))
     assert 0 < sizes[True] <= sizes[False], sizes
-
-
-def test_modules_run_where_the_one_node_would_skip_something(monkeypatch):
-    """Hooks on any of the block's mixer modules fire, active dropout draws: then the block calls its modules."""
-    calls = []
-    one_node = kat_model.channel_mixer
-    monkeypatch.setattr(kat_model, "channel_mixer", lambda *args: calls.append(1) or one_node(*args))
-    block = timm.create_model("kat_tiny", img_size=32, depth=1, mlp_ratio=2, drop_rate=0.0).blocks[0]
-    x = torch.randn(2, 5, block.norm2.normalized_shape[0])
-    block(x)
-    assert len(calls) == 1
-    mlp = block.mlp
-    for module in (block.norm2, mlp.act1, mlp.fc1, mlp.act2, mlp.fc2):
-        fired = []
-        handle = module.register_forward_hook(lambda *_, fired=fired: fired.append(True))
-        block(x)
-        handle.remove()
-        assert fired and len(calls) == 1, module
-    handle = torch.nn.modules.module.register_module_forward_hook(lambda *_: None)
-    try:
-        block(x)
-    finally:
-        handle.remove()
-    mlp.fuse_mixer = False
-    block(x)
-    mlp.fuse_mixer = True
-    mlp.drop1.p = 0.5  # dropout active in training mode only
-    block(x)
-    assert len(calls) == 1
-    block.eval()
-    block(x)
-    assert len(calls) == 2

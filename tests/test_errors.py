@@ -348,6 +348,11 @@ def model_cases(tmp: Path) -> dict:
             ConfigError,
             ["unknown rational init 'mish'", "choose one of"],
         ),
+        "model-fused-unfusable": (
+            lambda: build("--model_kwargs", f"{{{small}, proj_drop_rate: 0.1}}"),
+            ConfigError,
+            ["config key 'model_kwargs'", "dropout p=0.1 in the mixer", "fused=False"],
+        ),
         "model-checkpoint-does-not-fit": (
             lambda: check_state_dict_fits({"cls_token": torch.zeros(1, 1, 64)}, build(*TINY)),
             CheckpointMismatchError,

@@ -177,7 +177,6 @@ def test_bad_input_one_line_errors(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(strict=False, reason="needs h-models ONNX support")
 def test_onnx_runs_in_onnxruntime_with_any_batch(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")

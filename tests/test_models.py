@@ -12,10 +12,11 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from timm.models.vision_transformer import Block
 from timm.optim import create_optimizer_v2
 
 import kat  # noqa: F401  (registers the models)
-from kat.models import CheckpointMismatchError, KANMlp, Kat
+from kat.models import CheckpointMismatchError, FusedKatBlock, KANMlp, Kat
 from kat.rational import GroupRational
 
 CANONICAL = ["kat_tiny_patch16_224", "kat_small_patch16_224", "kat_base_patch16_224"]
@@ -88,31 +89,82 @@ def test_every_parameter_gets_a_gradient_with_the_official_init():
     assert_every_parameter_has_a_gradient(model)
 
 
+def fused_and_plain(**kwargs) -> tuple[Kat, Kat]:
+    """A fused (default) and a fused=False tiny KAT with the same weights, fc1's biases nonzero (the init zeroes
+    them: give the fused bias add something to add)."""
+    torch.manual_seed(0)
+    fused = timm.create_model("kat_tiny", img_size=32, patch_size=8, depth=2, num_classes=10, **kwargs)
+    with torch.no_grad():
+        for block in fused.blocks:
+            block.mlp.fc1.bias.normal_(generator=torch.Generator().manual_seed(2))
+    plain = timm.create_model("kat_tiny", img_size=32, patch_size=8, depth=2, num_classes=10, fused=False,
+                              **kwargs)  # fmt: skip
+    assert list(plain.state_dict()) == list(fused.state_dict())  # same keys, same order
+    plain.load_state_dict(fused.state_dict())
+    return fused, plain
+
+
+def outputs_and_gradients(model: Kat, x: torch.Tensor, autocast: torch.dtype | None):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
+        y = model(x).float()
+    y.square().sum().backward()
+    return y.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Norm-wise: sums in other orders round entries of cancelling sums differently, not the whole."""
+    return ((a - b).norm() / b.norm()).item()
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("fusion", ["fuse_norm_act", "fuse_bias_act"])
-def test_fused_paths_compute_the_unfused_block(monkeypatch, backend, fusion):
-    """KatBlock's fused norm2 -> act1 and KANMlp's fc1 bias inside act2 give the unfused model's outputs and
-    gradients (same weights)."""
+def test_fused_model_computes_the_plain_one(monkeypatch, backend):
+    """fused=True (FusedKatBlock: the mixer as one node) and fused=False (timm's Block, KANMlp's modules called)
+    give the same outputs and gradients in fp32."""
     monkeypatch.setenv("KAT_RATIONAL_BACKEND", backend)  # 'triton' on CPU: the Triton interpreter (conftest)
-    results = []
-    for fuse in (True, False):
-        torch.manual_seed(0)
-        model = timm.create_model("kat_tiny", img_size=32, patch_size=8, depth=2, num_classes=10,
-                                  **{fusion: fuse})
-        holders = model.blocks if fusion == "fuse_norm_act" else [block.mlp for block in model.blocks]
-        assert all(getattr(holder, fusion) == fuse for holder in holders)
-        with torch.no_grad():  # the init zeroes fc1's bias: give the fused add something to add
-            for block in model.blocks:
-                block.mlp.fc1.bias.normal_(generator=torch.Generator().manual_seed(2))
-        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-        y = model(x)
-        y.square().sum().backward()
-        results.append((y.detach(), {n: p.grad for n, p in model.named_parameters()}))
-    (y_fused, g_fused), (y_plain, g_plain) = results
+    fused, plain = fused_and_plain()
+    assert isinstance(fused.blocks[0], FusedKatBlock) and type(plain.blocks[0]) is Block
+    x = images(seed=1)
+    (y_fused, g_fused), (y_plain, g_plain) = (outputs_and_gradients(m, x, None) for m in (fused, plain))
     torch.testing.assert_close(y_fused, y_plain, rtol=1e-5, atol=1e-5)
-    for name, grad in g_plain.items():  # fp32 sums in another order: compare whole gradients, norm-wise
-        error = ((g_fused[name] - grad).norm() / grad.norm()).item()
-        assert error < 1e-4, f"{name}: relative gradient difference {error:.2e}"
+    for name, grad in g_plain.items():
+        assert relative_error(g_fused[name], grad) < 1e-4, name
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_model_under_bf16_autocast_matches_fp32(monkeypatch, backend):
+    """Under bf16 autocast the fused and plain models round at different points (the fused one adds fc1's bias
+    in fp32 inside act2, the plain one in bf16 inside fc1; backward passes round differently too), so each is
+    compared with the fp32 result: both within bf16 accuracy (8-bit mantissa, a few roundings deep)."""
+    monkeypatch.setenv("KAT_RATIONAL_BACKEND", backend)
+    fused, plain = fused_and_plain()
+    x = images(seed=1)
+    y_ref, g_ref = outputs_and_gradients(plain, x, None)
+    for model in (fused, plain):
+        y, grads = outputs_and_gradients(model, x, torch.bfloat16)
+        assert relative_error(y, y_ref) < 3e-2
+        errors = {name: relative_error(grads[name], grad) for name, grad in g_ref.items()}
+        worst = max(errors, key=errors.get)
+        assert errors[worst] < 5e-2, (type(model.blocks[0]).__name__, worst, errors[worst])
+
+
+def test_plain_model_calls_every_submodule():
+    """fused=False: a forward hook on every submodule fires (the reference for users who hook into them), but
+    timm's attention dropout, which fused attention passes to scaled_dot_product_attention instead."""
+    _, plain = fused_and_plain()
+    fired = set()
+    for name, module in plain.named_modules():
+        module.register_forward_hook(lambda m, args, out, name=name: fired.add(name))
+    plain(images(size=32))
+    missing = {name for name, _ in plain.named_modules()} - fired
+    assert all(name.endswith(".attn.attn_drop") for name in missing), missing  # timm's fused attention's
+    assert {f"blocks.0.mlp.{child}" for child in ("act1", "drop1", "fc1", "act2", "drop2", "norm", "fc2")} <= fired
+
+
+def test_fused_block_refuses_what_it_cannot_compute():
+    with pytest.raises(ValueError, match="dropout p=0.1 in the mixer: build the model with fused=False"):
+        tiny(proj_drop_rate=0.1)
+    tiny(proj_drop_rate=0.1, fused=False)
 
 
 def test_kan_mlp_order_and_knobs():
@@ -208,7 +260,7 @@ def kan_branch_variance_ratios(weight_init: str) -> list[float]:
     torch.manual_seed(0)
     # Unfused blocks, so that the hook sees the MLP's own input (the LayerNorm output); same function.
     model = timm.create_model(
-        "kat_tiny_patch16_224", img_size=32, patch_size=8, weight_init=weight_init, fuse_norm_act=False
+        "kat_tiny_patch16_224", img_size=32, patch_size=8, weight_init=weight_init, fused=False
     ).eval()
     ratios = []
     for block in model.blocks:
@@ -341,9 +393,9 @@ def test_torch_compile_launches_our_kernels_cuda(monkeypatch):
     matches eager in loss and gradients."""
     from torch._inductor.utils import run_and_get_code
 
-    from kat.rational import kernels
+    from kat.triton_utils import INTERPRETED
 
-    if kernels.INTERPRETED:
+    if INTERPRETED:
         pytest.skip("TRITON_INTERPRET=1: run with TRITON_INTERPRET=0 to test the compiled kernels")
     # cuDNN convolutions run in TF32 by default, in algorithms that differ between eager and compiled: 4e-4
     # norm-wise apart on the patch embedding's weight gradient. Without TF32 every gradient agreed to 4e-6

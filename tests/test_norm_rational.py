@@ -7,12 +7,11 @@ import torch
 from devices import CUDA_TRITON_OPS
 from rounding import assert_rounded_close, relative_error
 
-from kat.rational import kernels as rational_kernels
+from kat import triton_utils
 from kat.rational import norm_rational_kernels
 from kat.rational import reference as rational_reference
 from kat.rational.norm_rational import (
-    _layer_norm_rational_bwd,
-    _layer_norm_rational_fwd,
+    LAYER_NORM_RATIONAL,
     default_out_dtype,
     layer_norm_rational,
     layer_norm_rational_reference,
@@ -145,7 +144,7 @@ def test_triton_tiling_invariance(monkeypatch):
     args = (weight, bias, EPS, numerator, denominator, torch.bfloat16)
     y, mean, rstd = norm_rational_kernels.forward(x, *args)
     grads = norm_rational_kernels.backward(grad_output, x, weight, bias, mean, rstd, numerator, denominator)
-    monkeypatch.setattr(norm_rational_kernels, "_INTERPRETER_PROGRAMS", 5)
+    monkeypatch.setattr(triton_utils, "INTERPRETER_PROGRAMS", 5)
     monkeypatch.setattr(norm_rational_kernels, "_REDUCE", {"BLOCK_P": 2, "BLOCK_C": 16, "num_warps": 4})
     y2, mean2, rstd2 = norm_rational_kernels.forward(x, *args, config={"BLOCK_N": 2, "num_warps": 4})
     config = {"BLOCK_N": 1, "num_warps": 4, "programs_per_sm": 1}
@@ -176,7 +175,7 @@ def test_eager_path_equals_custom_op(backend):
     eager = run(x, weight, bias, numerator, denominator, grad_output, backend, out_dtype=torch.bfloat16)
     leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias, numerator, denominator)]
     x, weight, bias, numerator, denominator = leaves
-    y, mean, rstd = _layer_norm_rational_fwd(
+    y, mean, rstd = LAYER_NORM_RATIONAL.fwd(
         x, weight, bias, EPS, numerator, denominator, torch.bfloat16, backend
     )
     assert not (mean.requires_grad or rstd.requires_grad)
@@ -255,19 +254,19 @@ def test_opcheck(device):
         for w, b, out_dtype in ((weight, bias, torch.bfloat16), (None, None, torch.float32)):
             leaves = [None if t is None else t.clone().requires_grad_(True) for t in (x, w, b)]
             fwd_args = (*leaves, EPS, numerator.requires_grad_(True), denominator.requires_grad_(True))
-            torch.library.opcheck(_layer_norm_rational_fwd, (*fwd_args, out_dtype, backend))
-            _, mean, rstd = _layer_norm_rational_fwd(x, w, b, EPS, numerator, denominator, out_dtype, backend)
+            torch.library.opcheck(LAYER_NORM_RATIONAL.fwd, (*fwd_args, out_dtype, backend))
+            _, mean, rstd = LAYER_NORM_RATIONAL.fwd(x, w, b, EPS, numerator, denominator, out_dtype, backend)
             bwd_args = (
                 grad_output.to(out_dtype),
                 x,
                 w,
                 b,
-                mean,
-                rstd,
                 numerator.detach(),
                 denominator.detach(),
+                mean,
+                rstd,
             )
-            torch.library.opcheck(_layer_norm_rational_bwd, (*bwd_args, backend))
+            torch.library.opcheck(LAYER_NORM_RATIONAL.bwd, (*bwd_args, backend))
 
 
 def test_torch_compile_fullgraph():
@@ -304,14 +303,14 @@ C16 = dict(numerator=torch.zeros(1, 6), denominator=torch.zeros(8, 4))
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(x=torch.zeros(2, 12)), ValueError, "C >= 1 divisible by the 8 groups"),
+        (dict(x=torch.zeros(2, 12)), ValueError, "C divisible by the 8 groups"),
         (dict(x=torch.zeros(2, 0)), ValueError, "C >= 1"),
         (dict(x=torch.tensor(1.0)), ValueError, "x must be"),
         (dict(x=torch.zeros(2, 16, dtype=torch.int64)), TypeError, "x has dtype"),
         (dict(weight=torch.zeros(17)), ValueError, r"weight must have shape \(C,\) = \(16,\)"),
         (dict(bias=torch.zeros(1, 16)), ValueError, "bias must have shape"),
         (dict(weight=torch.zeros(16, dtype=torch.int32)), TypeError, "weight has dtype"),
-        (dict(bias=torch.zeros(16, device="meta")), ValueError, "bias is on meta but x is on cpu"),
+        (dict(bias=torch.zeros(16, device="meta")), ValueError, r"tensors on different devices \(x: cpu, bias: meta\)"),
         (dict(numerator=torch.zeros(1, 5)), ValueError, r"shape \(Gn, 6\)"),
         (dict(denominator=torch.zeros(8, 3)), ValueError, r"shape \(Gd, 4\)"),
         (dict(numerator=torch.zeros(2, 6)), ValueError, "numerator has 2 rows but the groups are 8"),
@@ -337,6 +336,6 @@ def test_input_errors(kwargs, error, match):
 
 
 def test_triton_needs_interpreter_on_cpu(monkeypatch):
-    monkeypatch.setattr(rational_kernels, "INTERPRETED", False)  # as if TRITON_INTERPRET was not set
+    monkeypatch.setattr(triton_utils, "INTERPRETED", False)  # as if TRITON_INTERPRET was not set
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         layer_norm_rational(torch.zeros(2, 16), None, None, EPS, backend="triton", **C16)

@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from devices import CUDA_TRITON_OPS
 from rounding import assert_rounded_close, relative_error
 
+from kat import triton_utils
 from kat.rational import GroupRational, active_backend, group_rational
-from kat.rational import kernels as rational_kernels
 from kat.rational import op as rational_op
 from kat.rational.reference import group_rational_reference
+from kat.triton_utils import INTERPRETED
 
 BACKENDS = ["triton", "torch"]
 
@@ -294,7 +295,7 @@ def test_triton_backend_errors(monkeypatch):
     numerator, denominator = torch.zeros(1, 6), torch.zeros(2, 4)
     with pytest.raises(TypeError, match="use backend='torch' for float64"):
         group_rational(torch.zeros(2, 8, dtype=torch.float64), numerator, denominator, backend="triton")
-    monkeypatch.setattr(rational_kernels, "INTERPRETED", False)  # as if TRITON_INTERPRET was not set
+    monkeypatch.setattr(triton_utils, "INTERPRETED", False)  # as if TRITON_INTERPRET was not set
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         group_rational(torch.zeros(2, 8), numerator, denominator, backend="triton")
     with pytest.raises(ValueError, match="channels=10 is not divisible by groups=4"):
@@ -320,9 +321,9 @@ def test_opcheck(device):
                 bias,
                 backend,
             )
-            torch.library.opcheck(rational_op._group_rational_fwd, args)
+            torch.library.opcheck(rational_op.GROUP_RATIONAL.fwd, args)
             plain = (t if t is None else t.detach() for t in (x, num, denominator, bias))
-            torch.library.opcheck(rational_op._group_rational_bwd, (grad_output, *plain, backend))
+            torch.library.opcheck(rational_op.GROUP_RATIONAL.bwd, (grad_output, *plain, backend))
 
 
 def test_torch_compile_fullgraph_cpu():
@@ -372,7 +373,7 @@ def test_torch_compile_fullgraph_with_fused_bias_cpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_kernels_match_reference_and_are_deterministic():
-    if rational_kernels.INTERPRETED:
+    if INTERPRETED:
         pytest.skip("TRITON_INTERPRET=1: run with TRITON_INTERPRET=0 to test the compiled kernels")
     device = f"cuda:{torch.cuda.device_count() - 1}"  # the last device: kernels must not assume cuda:0
     for dtype in (torch.float32, torch.bfloat16):

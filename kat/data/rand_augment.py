@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kat.rational.op import HAS_TRITON
+from kat.triton_utils import HAS_TRITON
 
 _LEVEL_DENOM = 10.0  # timm: magnitude 10 is an op's full strength
 
@@ -501,7 +501,7 @@ def apply_kernels(images: torch.Tensor, layers: list[LayerArguments], fill: tupl
     took 4.7-7.8 ms of host time per batch of 128 on CUDA, this 1.4 ms (docs/BENCHMARKS.md section 4). The
     arguments of all layers travel in two host-to-device copies, from pinned memory."""
     from kat.data import kernels
-    from kat.rational.kernels import cdiv, device_guard
+    from kat.triton_utils import cdiv, device_guard
 
     n, _, h, w = images.shape
     device = images.device

@@ -14,7 +14,7 @@ Pillow's order (`pil_runs_vertical_first`). Two implementations:
 import PIL
 import torch
 
-from kat.rational.op import HAS_TRITON
+from kat.triton_utils import HAS_TRITON
 
 INTERPOLATIONS = ("bilinear", "bicubic")
 _PILLOW_MAJOR = int(PIL.__version__.split(".")[0])
@@ -41,7 +41,7 @@ def _resized_crops_triton(images, boxes, flips, size, interpolation) -> torch.Te
     import triton
 
     from kat.data import kernels
-    from kat.rational.kernels import cdiv, device_guard
+    from kat.triton_utils import cdiv, device_guard
 
     out_h, out_w = size
     device = images[0].device

@@ -1,7 +1,7 @@
 """Kolmogorov-Arnold Transformer (KAT) models for timm: KAT-T/S/B.
 
 KAT (Yang & Wang, arXiv 2409.10594) is a timm ViT/DeiT whose MLP is replaced by a GR-KAN channel mixer: a
-group-rational activation in front of each of the two linear layers (KAT_FACTS section 1). Everything else is
+group-rational activation in front of each of the two linear layers (docs/MODELS.md). Everything else is
 timm's VisionTransformer, so timm's kwargs, model API, optimizer/EMA helpers and checkpoint layout carry over.
 
 Initialisation (`weight_init`); both use mimetic attention init, they differ only in the KAN linears:
@@ -18,55 +18,31 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from timm.models import VisionTransformer, build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._manipulate import named_apply
 from timm.models.vision_transformer import Block, init_weights_vit_timm
 from torch import Tensor, nn
-from torch.nn.modules import module as torch_module
 
 from kat.models.channel_mixer import channel_mixer
 from kat.models.pretrained import CheckpointMismatchError, checkpoint_filter_fn
-from kat.rational import GroupRational, layer_norm_rational, vp_gain
+from kat.rational import GroupRational, vp_gain
 
-__all__ = ["KANMlp", "Kat", "KatBlock", "init_mimetic_attention"]
+__all__ = ["FusedKatBlock", "KANMlp", "Kat", "init_mimetic_attention"]
 
 WEIGHT_INITS = ("vp", "official")
 
 
-def has_hooks(*modules: nn.Module) -> bool:
-    """Whether calling any of `modules` would run a hook (the test nn.Module.__call__ makes). The fused paths
-    compute several modules without calling them, so where a hook would fire they run the modules instead."""
-    if (
-        torch_module._global_forward_hooks
-        or torch_module._global_forward_pre_hooks
-        or torch_module._global_backward_hooks
-        or torch_module._global_backward_pre_hooks
-    ):
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in modules)
-
-
 class KANMlp(nn.Module):
-    """GR-KAN channel mixer: act1 -> drop -> fc1 -> act2 -> drop -> fc2 (KAT_FACTS section 1).
+    """GR-KAN channel mixer: act1 -> drop -> fc1 -> act2 -> drop -> norm -> fc2, every submodule called.
 
     Drop-in `mlp_layer` for timm's Block (takes the same kwargs as timm's Mlp). act1 starts as the identity and
-    act2 as `act_init`; both are GroupRational over `groups` channel groups. `act_layer` is accepted for timm's
-    Block and ignored: the activations are the rationals.
-
-    With `fuse_bias_act` (default) fc1's bias is added inside act2's op rather than by fc1: same function and
-    parameters, but the bias gradient comes out of act2's backward kernel, which already reads every element
-    of the gradient, instead of a separate reduction over fc1's output gradient (0.34 ms of KAT-S's 17.3 ms
-    step under CUDA graphs, H200; docs/BENCHMARKS.md section 3).
-
-    With `fuse_mixer` (default) and `fuse_bias_act`, `forward_fused_norm` in eager mode runs the whole mixer as one
-    autograd node (kat.models.channel_mixer): same function, fewer host-side ops per block.
+    act2 as `act_init`; both are GroupRational over `groups` channel groups (docs/MODELS.md, GR-KAN function).
+    `act_layer` is accepted for timm's Block and ignored: the activations are the rationals. This is the plain
+    composition (the reference, and what hooks on submodules see); FusedKatBlock computes the same function
+    from the same parameters without calling the submodules.
     """
-
-    fuse_bias_act = True
-    fuse_mixer = True
 
     def __init__(
         self,
@@ -100,40 +76,9 @@ class KANMlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features, bias=bias[1], **dd)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._from_fc1(self.drop1(self.act1(x)))
-
-    def forward_fused_norm(self, x: Tensor, norm: nn.LayerNorm) -> Tensor:
-        """self(norm(x)) with norm and act1 computed by one fused op (see KatBlock); in eager mode the whole
-        mixer as one autograd node where that computes the same (see `fuse_mixer`)."""
-        act1 = self.act1
-        if self._one_node():
-            return channel_mixer(x, norm, act1, self.fc1, self.act2, self.fc2)
-        x = layer_norm_rational(
-            x, norm.weight, norm.bias, norm.eps, act1.weight_numerator, act1.weight_denominator, backend=act1.backend
-        )
-        return self._from_fc1(self.drop1(x))
-
-    def _one_node(self) -> bool:
-        """Whether `channel_mixer` computes this mixer: eager mode (torch.compile traces the ops and fuses around
-        them itself), fc1's bias inside act2, no active dropout, no norm before fc2, no hooks to fire on the
-        modules from fc1 on (norm2's and act1's are KatBlock's check: the fused norm2 -> act1 op skips them too)."""
-        return (
-            self.fuse_mixer
-            and self.fuse_bias_act
-            and not torch.compiler.is_compiling()
-            and isinstance(self.norm, nn.Identity)
-            and not any(drop.training and drop.p > 0 for drop in (self.drop1, self.drop2))
-            and not has_hooks(self.fc1, self.act2, self.fc2)
-        )
-
-    def _from_fc1(self, x: Tensor) -> Tensor:
-        if self.fuse_bias_act and not has_hooks(self.fc1):  # fc1's hooks need fc1 called with its bias
-            x = self.act2(F.linear(x, self.fc1.weight), bias=self.fc1.bias)  # fc1 without its bias: act2 adds it
-        else:
-            x = self.act2(self.fc1(x))
-        x = self.drop2(x)
-        x = self.norm(x)
-        return self.fc2(x)
+        x = self.drop1(self.act1(x))
+        x = self.drop2(self.act2(self.fc1(x)))
+        return self.fc2(self.norm(x))
 
     @torch.no_grad()
     def init_variance_preserving(self) -> None:
@@ -148,24 +93,36 @@ class KANMlp(nn.Module):
                 nn.init.zeros_(fc.bias)
 
 
-class KatBlock(Block):
-    """timm's ViT block; with `fuse_norm_act` its norm2 -> mlp.act1 pair runs as one fused op.
+class FusedKatBlock(Block):
+    """timm's ViT block whose channel mixer `mlp(norm2(x))` runs fused (kat.models.channel_mixer).
 
-    Same function, parameters and state-dict keys as the unfused block. The fused op (kat.rational.norm_rational)
-    neither writes the LayerNorm output to memory nor saves it for backward (it recomputes it from x, which the
-    residual stream keeps anyway), and under autocast it writes act1's output in bf16, so fc1 needs no cast: in
-    KAT-S that saved fp32 LayerNorm output was the whole 0.43 GiB (10%) by which KAT's training memory exceeded
-    ViT's (H200, bench/bench_train.py).
+    Same parameters, state-dict keys, function and gradients as timm's Block with a KANMlp (what `fused=False`
+    builds). Eager, the mixer is one autograd node (an eager step is bound by host time); under torch.compile and
+    while exporting it is composed of the GR-KAN ops. norm2 -> act1 is one kernel that neither writes nor saves
+    the LayerNorm output: in KAT-S that saved fp32 output was the whole of KAT's training-memory excess over
+    ViT's (docs/BENCHMARKS.md). norm2 and the mlp's submodules are not called, so hooks on them do not fire:
+    build the model with fused=False to hook into them.
+
+    Raises ValueError for what the fused mixer does not compute: dropout inside the mixer (proj_drop > 0), a norm
+    before fc2 (timm's scale_mlp_norm), a norm2 other than nn.LayerNorm.
     """
 
-    fuse_norm_act = True
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        mlp = self.mlp
+        unfusable = (
+            "norm2 is not an nn.LayerNorm" if not isinstance(self.norm2, nn.LayerNorm)
+            else "the mlp is not a KANMlp" if not isinstance(mlp, KANMlp)
+            else f"dropout p={mlp.drop1.p} in the mixer" if mlp.drop1.p or mlp.drop2.p
+            else "a norm before fc2 (scale_mlp_norm)" if not isinstance(mlp.norm, nn.Identity)
+            else None
+        )  # fmt: skip
+        if unfusable:
+            raise ValueError(f"the fused KAT block cannot compute {unfusable}: build the model with fused=False")
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        fused = self.fuse_norm_act and isinstance(self.norm2, nn.LayerNorm) and isinstance(self.mlp, KANMlp)
-        if not fused or has_hooks(self.norm2, self.mlp.act1):  # hooks need the two modules called
-            return super().forward(x, *args, **kwargs)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), *args, **kwargs)))  # as timm's Block
-        return x + self.drop_path2(self.ls2(self.mlp.forward_fused_norm(x, self.norm2)))
+        return x + self.drop_path2(self.ls2(channel_mixer(x, self.norm2, self.mlp)))
 
 
 def _factorize(target: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -220,10 +177,11 @@ class Kat(VisionTransformer):
         act_init: init of every act2 ('swish' as published; 'gelu', 'identity', ... from kat.rational).
         kan_groups: channel groups of each GroupRational (8 as published).
         weight_init: 'vp' or 'official', see the module docstring and docs/MODELS.md.
-        fuse_norm_act: compute each block's norm2 -> act1 as one fused op (KatBlock); same function.
-        fuse_bias_act: add fc1's bias inside act2's op (KANMlp); same function.
-        fuse_mixer: in eager mode run each block's norm2 -> ... -> fc2 as one autograd node (KANMlp, with both
-            fusions above); same function.
+        fused: True (default) builds FusedKatBlock (each block's channel mixer fused: fewer kernels, less memory,
+            less host time); False builds timm's Block with KANMlp, every submodule called (every hook fires).
+            Same parameters, state-dict keys, outputs and gradients either way. fused=True raises ValueError
+            where the fused mixer does not apply (dropout inside the mixer, a norm before fc2, a norm2 other
+            than LayerNorm): pass fused=False there.
     """
 
     def __init__(
@@ -232,23 +190,16 @@ class Kat(VisionTransformer):
         kan_groups: int = 8,
         weight_init: str = "vp",
         fix_init: bool = False,
-        fuse_norm_act: bool = True,
-        fuse_bias_act: bool = True,
-        fuse_mixer: bool = True,
+        fused: bool = True,
         **kwargs,
     ):
         if weight_init not in WEIGHT_INITS:
             raise ValueError(f"weight_init={weight_init!r}: KAT models take one of {WEIGHT_INITS}")
         mlp_layer = partial(KANMlp, act_init=act_init, groups=kan_groups)
         # 'skip': timm's own init is replaced by init_weights below (timm 1.0.15 and 1.0.31 both accept it).
-        kwargs.setdefault("block_fn", KatBlock)
+        kwargs.setdefault("block_fn", FusedKatBlock if fused else Block)
         super().__init__(mlp_layer=mlp_layer, weight_init="skip", **kwargs)
-        for block in self.blocks:
-            if isinstance(block, KatBlock):
-                block.fuse_norm_act = fuse_norm_act
-            if isinstance(block.mlp, KANMlp):
-                block.mlp.fuse_bias_act = fuse_bias_act
-                block.mlp.fuse_mixer = fuse_mixer
+        self.fused = fused
         self.act_init, self.kan_groups = act_init, kan_groups
         self.weight_init_mode, self.fix_init = weight_init, fix_init
         self.init_weights()

@@ -1,7 +1,7 @@
 """Initial coefficients of the group-rational activation and the variance-preserving gain.
 
 F(x) = P(x) / Q(x), P(x) = sum_i a_i x^i (i = 0..5), Q(x) = 1 + sum_j |b_j| |x|^j (j = 1..4): the form the
-kernels evaluate (KAT_FACTS section 2). Each init is P/Q fitted to a target activation on [-3, 3] *under this
+kernels evaluate (docs/MODELS.md, GR-KAN function). Each init is P/Q fitted to a target activation on [-3, 3] *under this
 Q form* by `fit_rational`; the constants below are its output (re-run `python -m kat.rational.coefficients`
 to reproduce them), and tests/test_rational_coefficients.py re-checks every fit.
 """

@@ -16,7 +16,6 @@ Tile sizes are chosen by a heuristic of the group size rather than by triton.aut
 configs in different processes, which would change the reduction order and break run-to-run determinism.
 """
 
-import contextlib
 import functools
 
 import torch
@@ -24,13 +23,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-try:  # triton >= 3.0
-    from triton.runtime.interpreter import InterpretedFunction
-except ImportError:  # pragma: no cover
-    InterpretedFunction = ()
+from kat.triton_utils import cdiv, check_device, device_guard, direct, num_sms
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_INTERPRETER_PROGRAMS = 4  # stands in for the SM count under TRITON_INTERPRET=1 (exercises the tile loop)
 
 
 @triton.jit
@@ -253,15 +248,6 @@ def _rational_reduce_kernel(
         tl.store(d_bias_ptr + cols, acc.to(tl.float32), mask=col_mask)
 
 
-INTERPRETED = isinstance(_rational_forward_kernel, InterpretedFunction)
-
-
-def cdiv(a: int, b: int) -> int:
-    """ceil(a / b). Not triton.cdiv: in recent Triton it is a jit-decorated function costing ~10 us per host
-    call, several times per op call on an eager step's critical path."""
-    return (a + b - 1) // b
-
-
 def block_channels(group_size: int) -> int:
     """Channels per program (blocks never straddle groups, so coefficients are per-program scalars): the
     largest power of two <= 256 dividing C/G if it is >= 32 (no masked lanes), else a masked power of two."""
@@ -299,19 +285,6 @@ def backward_config(group_size: int) -> dict:
 _REDUCE_BLOCK = 128  # partial sums per step of the reduce kernel (and channels per d bias program)
 
 
-_SM_COUNT: dict[int, int] = {}
-
-
-def num_sms(device: torch.device) -> int:
-    """Multiprocessors of a CUDA device (cached); a small stand-in for CPU tensors under the interpreter."""
-    if device.type != "cuda":
-        return _INTERPRETER_PROGRAMS
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
-
-
 def _check_runnable(x: Tensor) -> None:
     if x.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(
@@ -319,32 +292,6 @@ def _check_runnable(x: Tensor) -> None:
             "use backend='torch' for float64"
         )
     check_device(x, "group_rational")
-
-
-def check_device(x: Tensor, op_name: str) -> None:
-    """Errors for a device the Triton kernels cannot run on (shared with the fused LayerNorm kernels)."""
-    if x.device.type == "cpu" and not INTERPRETED:
-        raise RuntimeError(
-            f"{op_name} backend='triton' on a CPU tensor needs the Triton interpreter: set the environment "
-            "variable TRITON_INTERPRET=1 before triton is first imported (e.g. before `import kat`), move x to "
-            "a CUDA device, or use backend='torch'"
-        )
-    if x.device.type not in ("cpu", "cuda"):
-        raise RuntimeError(f"{op_name} backend='triton' does not support {x.device.type} tensors")
-
-
-def device_guard(device: torch.device):
-    """Launch on x's device: Triton launches on the current device, so kernels on cuda:1 need this guard
-    (skipped when x is on the current device: entering torch.cuda.device costs ~4 us of host time)."""
-    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
-        return contextlib.nullcontext()
-    return torch.cuda.device(device)
-
-
-def direct(kernel):
-    """The kernel itself. Launches go through `wrap(kernel)`: the torch.library.triton_op in kat.rational.op
-    passes torch.library.wrap_triton, which lets torch.compile see and launch the kernels itself."""
-    return kernel
 
 
 @functools.cache

@@ -7,11 +7,10 @@ normalises each row, applies gamma/beta and F, and writes y directly in the dtyp
 saves only x (which the residual stream keeps alive anyway), mean and rstd ([N] fp32) and recomputes the
 LayerNorm output.
 
-Two ops, `kat::layer_norm_rational_fwd` -> (y, mean, rstd) and `kat::layer_norm_rational_bwd` ->
-(dx, d_weight, d_bias, d_numerator, d_denominator), with an autograd registration, are what torch.compile
-traces (triton_ops where Triton compiles the kernels: see `kat.rational.op.define_op`); eager calls run the
-same implementations through an autograd.Function, which costs far less host time than the op dispatch (as
-`kat.rational.op.group_rational` does). Backends, chosen by `kat.rational.op.active_backend`:
+Defined once through `kat.rational.library.GradOp`: `kat::layer_norm_rational_fwd` -> (y, mean, rstd) and
+`kat::layer_norm_rational_bwd` -> (dx, d_weight, d_bias, d_numerator, d_denominator) for torch.compile, an
+autograd.Function for eager calls, F.layer_norm with the reference group-rational while exporting. Backends,
+chosen by `kat.rational.op.active_backend`:
   'triton': kat.rational.norm_rational_kernels (CUDA; CPU tensors run in the interpreter, TRITON_INTERPRET=1)
   'torch':  torch.native_layer_norm composed with kat.rational.reference, explicit LayerNorm backward;
             the same function and gradients, also in float64.
@@ -23,12 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kat.rational import reference
-from kat.rational.op import HAS_TRITON, WRAP, active_backend, define_op
+from kat.rational.library import FLOAT_DTYPES, GradOp, check_channel_vector, check_coefficients, check_tensors
+from kat.rational.op import active_backend
+from kat.triton_utils import HAS_TRITON, direct
 
 if HAS_TRITON:  # kat works where triton is not installed: the 'torch' backend needs none
     from kat.rational import norm_rational_kernels as _kernels
-
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _stats_dtype(x, weight, bias, numerator, denominator, backend: str) -> torch.dtype:
@@ -69,30 +68,21 @@ def _torch_backward(grad_output, x, weight, bias, mean, rstd, numerator, denomin
     return dx.to(x.dtype).contiguous(), d_weight, d_bias, d_num, d_den  # contiguous, as the fake says
 
 
-def forward_impl(x, weight, bias, eps, numerator, denominator, out_dtype, backend, wrap=None):
-    """(y, mean, rstd) on `backend`: the body of the op, of the eager autograd.Function and of the eager channel
-    mixer (kat.models.channel_mixer)."""
+def forward_impl(x, weight, bias, eps, numerator, denominator, out_dtype, backend, wrap=direct):
+    """(y, mean, rstd) on `backend`."""
     if backend == "triton":
-        return _kernels.forward(
-            x, weight, bias, eps, numerator, denominator, out_dtype, wrap=wrap or _kernels.direct
-        )
+        return _kernels.forward(x, weight, bias, eps, numerator, denominator, out_dtype, wrap=wrap)
     return _torch_forward(x, weight, bias, eps, numerator, denominator, out_dtype)
 
 
-def backward_impl(grad_output, x, weight, bias, mean, rstd, numerator, denominator, backend, wrap=None):
-    """(dx, d_weight, d_bias, d_numerator, d_denominator) on `backend` (see `forward_impl`)."""
+def backward_impl(grad_output, x, weight, bias, numerator, denominator, mean, rstd, backend, wrap=direct):
+    """(dx, d_weight, d_bias, d_numerator, d_denominator) on `backend`."""
     if backend == "triton":
-        return _kernels.backward(
-            grad_output, x, weight, bias, mean, rstd, numerator, denominator, wrap=wrap or _kernels.direct
-        )
+        return _kernels.backward(grad_output, x, weight, bias, mean, rstd, numerator, denominator, wrap=wrap)
     return _torch_backward(grad_output, x, weight, bias, mean, rstd, numerator, denominator)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Ops (what torch.compile traces).
-
-
-def _fwd_fake(x, weight, bias, eps, numerator, denominator, out_dtype, backend):
+def _forward_fake(x, weight, bias, eps, numerator, denominator, out_dtype, backend):
     stats = _stats_dtype(x, weight, bias, numerator, denominator, backend)
     return (
         x.new_empty(x.shape, dtype=out_dtype),
@@ -101,96 +91,30 @@ def _fwd_fake(x, weight, bias, eps, numerator, denominator, out_dtype, backend):
     )
 
 
-@define_op("kat::layer_norm_rational_fwd", _fwd_fake)
-def _layer_norm_rational_fwd(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    numerator: Tensor,
-    denominator: Tensor,
-    out_dtype: torch.dtype,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    return forward_impl(x, weight, bias, eps, numerator, denominator, out_dtype, backend, WRAP)
+def _reference(x, weight, bias, eps, numerator, denominator, out_dtype, backend):
+    """F.layer_norm then the group-rational, in the compute dtype, rounded once to out_dtype."""
+    dtype = reference.compute_dtype(x, weight, bias, numerator, denominator)
+    weight, bias = (None if t is None else t.to(dtype) for t in (weight, bias))
+    h = F.layer_norm(x.to(dtype), (int(x.shape[-1]),), weight, bias, eps)  # int: a constant for exporters
+    return reference.rational_forward(h, numerator, denominator).to(out_dtype)
 
 
-def _bwd_fake(grad_output, x, weight, bias, mean, rstd, numerator, denominator, backend):
-    channels = x.shape[-1]
-    return (
-        x.new_empty(x.shape),
-        x.new_empty(channels, dtype=torch.float32 if weight is None else weight.dtype),
-        x.new_empty(channels, dtype=torch.float32 if bias is None else bias.dtype),
-        numerator.new_empty(numerator.shape),
-        denominator.new_empty(denominator.shape),
-    )
-
-
-@define_op("kat::layer_norm_rational_bwd", _bwd_fake)
-def _layer_norm_rational_bwd(
-    grad_output: Tensor,
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    mean: Tensor,
-    rstd: Tensor,
-    numerator: Tensor,
-    denominator: Tensor,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return backward_impl(grad_output, x, weight, bias, mean, rstd, numerator, denominator, backend, WRAP)
-
-
-def parameter_grads(weight, bias, grads):
-    """(dx, d_weight, d_bias, d_num, d_den) -> gradients of (x, weight, bias, eps, num, den); None where
-    a parameter is absent. Shared with the eager channel mixer (kat.models.channel_mixer)."""
-    dx, d_weight, d_bias, d_num, d_den = grads
-    return (
-        dx,
-        d_weight if weight is not None else None,
-        d_bias if bias is not None else None,
-        None,
-        d_num,
-        d_den,
-    )
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, eps, numerator, denominator, out_dtype, backend = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, mean, rstd, numerator, denominator)  # x in its own dtype
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.set_materialize_grads(False)  # no zero tensors for mean/rstd's (absent) gradients
-    ctx.backend = backend
-
-
-def _backward(ctx, grad_output, _grad_mean, _grad_rstd):
-    x, weight, bias, mean, rstd, numerator, denominator = ctx.saved_tensors
-    grads = _layer_norm_rational_bwd(
-        grad_output, x, weight, bias, mean, rstd, numerator, denominator, ctx.backend
-    )
-    return *parameter_grads(weight, bias, grads), None, None
-
-
-_layer_norm_rational_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _EagerLayerNormRational(torch.autograd.Function):
-    """The same forward and backward as the custom ops without the custom-op dispatch, which costs several
-    times the host time of an autograd.Function (measured: see kat.rational.op._EagerGroupRational)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps, numerator, denominator, out_dtype, backend):
-        y, mean, rstd = forward_impl(x, weight, bias, eps, numerator, denominator, out_dtype, backend)
-        ctx.save_for_backward(x, weight, bias, mean, rstd, numerator, denominator)
-        ctx.backend = backend
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        x, weight, bias, mean, rstd, numerator, denominator = ctx.saved_tensors
-        grads = backward_impl(grad_output, x, weight, bias, mean, rstd, numerator, denominator, ctx.backend)
-        return *parameter_grads(weight, bias, grads), None, None
+LAYER_NORM_RATIONAL = GradOp(
+    "kat::layer_norm_rational",
+    forward=forward_impl,
+    backward=backward_impl,
+    forward_fake=_forward_fake,
+    reference=_reference,
+    forward_schema=(
+        "(Tensor x, Tensor? weight, Tensor? bias, float eps, Tensor numerator, Tensor denominator, "
+        "ScalarType out_dtype, str backend) -> (Tensor, Tensor, Tensor)"
+    ),
+    backward_schema=(
+        "(Tensor grad_output, Tensor x, Tensor? weight, Tensor? bias, Tensor numerator, Tensor denominator, "
+        "Tensor mean, Tensor rstd, str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    tensor_inputs=(0, 1, 2, 4, 5),
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -199,55 +123,14 @@ class _EagerLayerNormRational(torch.autograd.Function):
 
 def check_inputs(x, weight, bias, eps, numerator, denominator, out_dtype) -> None:
     """Clear errors for what `layer_norm_rational` cannot compute (types, dtypes, devices, shapes)."""
-    named = {"x": x, "weight": weight, "bias": bias, "numerator": numerator, "denominator": denominator}
-    for name, t in named.items():
-        if t is None and name in ("weight", "bias"):
-            continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"layer_norm_rational: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(
-                f"layer_norm_rational: {name} has dtype {t.dtype}; use float32, bfloat16, float16 or float64 "
-                f"(e.g. {name}.float())"
-            )
-        if t.device != x.device:
-            raise ValueError(
-                f"layer_norm_rational: {name} is on {t.device} but x is on {x.device}; move them to one "
-                "device"
-            )
-    if out_dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"layer_norm_rational: out_dtype={out_dtype} is not float32, bfloat16, float16 or float64"
-        )
+    name = "layer_norm_rational"
+    check_tensors(name, x, weight=weight, bias=bias, numerator=numerator, denominator=denominator)
+    if out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: out_dtype={out_dtype} is not float32, bfloat16, float16 or float64")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"layer_norm_rational: eps must be a float >= 0, got {eps!r}")
-    if numerator.dim() != 2 or numerator.shape[1] != 6:
-        raise ValueError(
-            f"layer_norm_rational: numerator must have shape (Gn, 6), got {tuple(numerator.shape)}"
-        )
-    if denominator.dim() != 2 or denominator.shape[1] != 4:
-        raise ValueError(
-            f"layer_norm_rational: denominator must have shape (Gd, 4), got {tuple(denominator.shape)}"
-        )
-    groups = max(numerator.shape[0], denominator.shape[0])
-    for name, t in (("numerator", numerator), ("denominator", denominator)):
-        if t.shape[0] not in (1, groups):
-            raise ValueError(
-                f"layer_norm_rational: {name} has {t.shape[0]} rows but the groups are {groups}: each "
-                f"coefficient tensor must have 1 row (shared by all groups) or one row per group"
-            )
-    if x.dim() == 0 or x.shape[-1] == 0 or x.shape[-1] % groups != 0:
-        channels = x.shape[-1] if x.dim() else None
-        raise ValueError(
-            f"layer_norm_rational: x must be [..., C] with C >= 1 divisible by the {groups} groups; got x of "
-            f"shape {tuple(x.shape)} (C = {channels})"
-        )
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and tuple(t.shape) != (x.shape[-1],):
-            raise ValueError(
-                f"layer_norm_rational: {name} must have shape (C,) = ({x.shape[-1]},) like LayerNorm's, got "
-                f"{tuple(t.shape)}"
-            )
+        raise ValueError(f"{name}: eps must be a float >= 0, got {eps!r}")
+    check_coefficients(name, x, numerator, denominator)
+    check_channel_vector(name, x, weight=weight, bias=bias)
 
 
 def default_out_dtype(x: Tensor) -> torch.dtype:
@@ -282,10 +165,7 @@ def layer_norm_rational(
         out_dtype = default_out_dtype(x) if isinstance(x, Tensor) else None
     check_inputs(x, weight, bias, eps, numerator, denominator, out_dtype)
     backend = active_backend(x, backend)
-    eps = float(eps)
-    if torch.compiler.is_compiling():
-        return _layer_norm_rational_fwd(x, weight, bias, eps, numerator, denominator, out_dtype, backend)[0]
-    return _EagerLayerNormRational.apply(x, weight, bias, eps, numerator, denominator, out_dtype, backend)
+    return LAYER_NORM_RATIONAL(x, weight, bias, float(eps), numerator, denominator, out_dtype, backend)
 
 
 def layer_norm_rational_reference(

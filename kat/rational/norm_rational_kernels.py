@@ -30,24 +30,14 @@ from torch import Tensor
 
 from kat.rational.kernels import (
     accumulate_coefficient_terms,
-    cdiv,
-    check_device,
     coefficient_groups,
-    device_guard,
-    direct,
-    num_sms,
     rational_backward_terms,
     rational_value,
 )
-
-try:  # triton >= 3.0
-    from triton.runtime.interpreter import InterpretedFunction
-except ImportError:  # pragma: no cover
-    InterpretedFunction = ()
+from kat.triton_utils import cdiv, check_device, device_guard, direct, num_sms
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_CHANNELS = 8192  # beyond this a row no longer fits a program's registers (accumulators spill badly)
-_INTERPRETER_PROGRAMS = 3  # backward programs under TRITON_INTERPRET=1 (few: exercises the tile loop)
 
 
 @triton.jit
@@ -284,9 +274,6 @@ def _reduce_kernel(
         )  # fmt: skip
 
 
-INTERPRETED = isinstance(_forward_kernel, InterpretedFunction)
-
-
 @functools.cache
 def layout(channels: int, groups: int) -> dict:
     """Compile-time tile layout of C = groups x group size channels (see the module docstring)."""
@@ -329,13 +316,6 @@ def backward_config(channels: int, groups: int) -> dict:
 
 
 _REDUCE = {"BLOCK_P": 64, "BLOCK_C": 64, "num_warps": 4}
-
-
-def _num_programs(device: torch.device, programs_per_sm: int) -> int:
-    """Backward grid size (before capping at the number of row tiles)."""
-    if device.type != "cuda":
-        return _INTERPRETER_PROGRAMS
-    return num_sms(device) * programs_per_sm
 
 
 def check_runnable(x: Tensor, out_dtype: torch.dtype) -> None:
@@ -390,7 +370,7 @@ def forward(
     wrap=direct,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y [x.shape] in out_dtype, mean and rstd [x.shape[:-1]] fp32). `config` overrides `forward_config`;
-    `wrap` is torch.library.wrap_triton inside the triton_op (see kat.rational.kernels.direct)."""
+    `wrap` is torch.library.wrap_triton inside the triton_op (see kat.triton_utils.direct)."""
     check_runnable(x, out_dtype)
     x = _contiguous(x)
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
@@ -431,7 +411,7 @@ def backward(
     n_rows = mean.numel()
     cfg = config or backward_config(channels, groups)
     n_tiles = cdiv(n_rows, cfg["BLOCK_N"])
-    n_programs = min(n_tiles, _num_programs(x.device, cfg["programs_per_sm"]))
+    n_programs = min(n_tiles, num_sms(x.device) * cfg["programs_per_sm"])
     device = x.device
     dx = torch.empty(x.shape, dtype=x.dtype, device=device)
     partials = torch.empty(n_programs, 2 * channels + 10 * groups, dtype=torch.float32, device=device)
