@@ -20,6 +20,7 @@ not differentiable. `backward(grad, *tensor inputs, *extras, backend)` returns o
 kernels (torch.library.wrap_triton inside a triton_op, kat.triton_utils.direct otherwise).
 """
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -40,10 +41,33 @@ def exporting() -> bool:
     return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
+_SCHEMA_TYPES = {"Tensor": Tensor, "Tensor?": Tensor | None, "float": float, "str": str, "ScalarType": torch.dtype}
+
+
+def _signature(schema: str) -> inspect.Signature:
+    """The Python signature of a schema such as "(Tensor x, Tensor? bias, str backend) -> (Tensor, Tensor)".
+
+    torch.library infers an op's schema from its function's annotated signature; our op bodies take *args, so
+    they carry this one (`__signature__`). triton_op accepts no explicit schema before torch 2.12 or so.
+    """
+    arguments, returns = schema.split(" -> ")
+    parameters = [
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=_SCHEMA_TYPES[kind])
+        for kind, name in (argument.split() for argument in arguments.strip("()").split(", "))
+    ]
+    outputs = returns.strip("()").split(", ")
+    return_type = Tensor if returns == "Tensor" else tuple[(Tensor,) * len(outputs)]
+    return inspect.Signature(parameters, return_annotation=return_type)
+
+
 def _library_op(name: str, fn: Callable, schema: str, fake: Callable):
+    def body(*args):
+        return fn(*args)
+
+    body.__signature__ = _signature(schema)
     if TRACEABLE_KERNELS:
-        return torch.library.triton_op(name, fn, mutates_args=(), schema=schema)  # its fake is fn itself, traced
-    op = torch.library.custom_op(name, fn, mutates_args=(), schema=schema)
+        return torch.library.triton_op(name, body, mutates_args=())  # its fake is the body itself, traced
+    op = torch.library.custom_op(name, body, mutates_args=())
     op.register_fake(fake)
     return op
 
