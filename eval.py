@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 import kat.weights
 from kat.data import DataError, DeviceLoader, ImageFolderDataset, build_transforms, resolve_data_config
 from kat.evaluation import evaluate
-from kat.models.pretrained import CheckpointError, MissingWeightsError
+from kat.models.pretrained import MissingWeightsError
 from kat.rational import GroupRational, active_backend
 from kat.training.config import TrainConfig
 
@@ -110,7 +110,7 @@ def load_checkpoint(args) -> tuple[torch.nn.Module, dict, dict | None]:
         )
     except MissingWeightsError as e:  # unlike timm's loader, never fall back to the other weights
         raise EvalError(f"{e}; {'drop' if args.ema else 'pass'} --ema") from None
-    except CheckpointError as e:
+    except ValueError as e:  # CheckpointError, or a ViT .npz that timm cannot read
         raise EvalError(_first_line(e)) from None
     meta = weights.meta
     identity = dict(

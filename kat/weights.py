@@ -3,7 +3,7 @@
 Sources (`load`):
 - one of our runs or checkpoints: a run directory (its newest complete checkpoint), a step-XXXXXXXX
   directory, or its model.safetensors / ema.safetensors. meta.json describes the model; every file read is
-  checked against the CRC-32 meta.json recorded (kat.training.checkpoint).
+  checked against the checksum meta.json recorded (kat.training.checkpoint).
 - a weights file: a published KAT .pth, a timm or DeiT training checkpoint, a bare state dict in .safetensors
   or .pth. Read as data (kat.models.pretrained.read_checkpoint_file), training wrappers unwrapped.
 - a timm ViT as a JAX .npz (Google's augreg release), read by timm's own npz reader.
@@ -48,8 +48,10 @@ class Weights:
     """What a source holds: the weights, and what is known about where they come from."""
 
     state_dict: dict[str, Tensor]
-    meta: dict | None  # our checkpoint's meta.json (model, model_kwargs, num_classes, data_config, ...); else None
-    description: str  # for messages and logs: the checkpoint directory, the file, or "<name> weights from <file>"
+    # Our checkpoint's meta.json (model, model_kwargs, num_classes, data_config, ...); None for other sources.
+    meta: dict | None
+    # For messages and logs: the checkpoint directory, the file, or "<name> weights from <file>".
+    description: str
     kind: str  # "checkpoint" (ours), "file" (a weights file), "npz" (a JAX ViT), "timm" (a timm name + file)
     ema: bool = False  # the EMA weights of a training checkpoint
     epoch: int | None = None  # epochs trained, where the source says
@@ -119,7 +121,9 @@ def init_from(model: nn.Module, source: str, file: str | None = None) -> str:
     model built with act_init 'gelu'. Returns what was loaded, for the log: "<source> (all but the head)".
     """
     weights = load(source, file)
-    if any(isinstance(m, GroupRational) for m in model.modules()) and not is_kat_state_dict(weights.state_dict):
+    if any(isinstance(m, GroupRational) for m in model.modules()) and not is_kat_state_dict(
+        weights.state_dict
+    ):
         if getattr(model, "act_init", None) != "gelu":
             raise CheckpointError(
                 f"{weights.description} holds ViT weights (no rational coefficients): KAT* sets every act2 to "
@@ -146,7 +150,9 @@ def create_model(
         if model and model != meta["model"]:
             raise CheckpointError(f"{weights.description} holds a {meta['model']} model, not {model}")
         if model_kwargs:
-            raise CheckpointError(f"{weights.description} describes its model in {META_FILE}: drop model_kwargs")
+            raise CheckpointError(
+                f"{weights.description} describes its model in {META_FILE}: drop model_kwargs"
+            )
         name, kwargs, num_classes = meta["model"], dict(meta["model_kwargs"]), meta["num_classes"]
     elif not model:
         raise CheckpointError(
@@ -163,7 +169,11 @@ def create_model(
     overlay = dict(state_dict=weights.state_dict, **head)
     try:
         built = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs, **head)
-    except (RuntimeError, KeyError, ValueError) as error:  # load_state_dict, or a checkpoint filter, refused it
+    except (
+        RuntimeError,
+        KeyError,
+        ValueError,
+    ) as error:  # load_state_dict, or a checkpoint filter, refused it
         reference = timm.create_model(name, **kwargs, **head)
         mismatch = "; ".join(describe_mismatch(reference.state_dict(), weights.state_dict))
         raise CheckpointMismatchError(

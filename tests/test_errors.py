@@ -277,6 +277,33 @@ def checkpoint_cases(tmp: Path) -> dict:
         cfg = parse_config(["--init_from", str(tmp / "vit.safetensors"), *TINY])
         init_weights_from(create_model(cfg, 10), cfg)
 
+    import json  # imported here, not at the top: this section is the checkpoint helper's
+
+    from kat.training.checkpoint import read_training_state
+
+    def bit_rot():
+        step = checkpoint(tmp / "run5", 2)
+        raw = bytearray((step / "model.safetensors").read_bytes())
+        raw[-1] ^= 0x40  # the last byte of the last tensor: the size and the header stay right
+        (step / "model.safetensors").write_bytes(bytes(raw))
+        return read_checkpoint(step)
+
+    def edited_meta(change):
+        step = checkpoint(tmp / "run6", 2)
+        meta = json.loads((step / "meta.json").read_text())
+        change(meta)
+        (step / "meta.json").write_text(json.dumps(meta))
+        return read_checkpoint(step)
+
+    def state_holding_code():
+        step = checkpoint(tmp / "run7", 2)
+        torch.save({"step": 2, "loss_fn": torch.nn.CrossEntropyLoss()}, step / "training_state.pt")
+        return read_training_state(step)
+
+    def output_dir_is_a_file():
+        write(tmp / "runs-file", "a file where the output directory should be")
+        return checkpoint(tmp / "runs-file" / "demo", 2)
+
     return {
         "ckpt-resume-missing": (
             resume_missing,
@@ -313,6 +340,36 @@ def checkpoint_cases(tmp: Path) -> dict:
             init_from_missing,
             ConfigError,
             ["config key 'init_from'", "vit.safetensors", "does not exist"],
+        ),
+        "ckpt-bit-rot": (
+            bit_rot,
+            ValueError,
+            ["model.safetensors is damaged: its checksum (xxh3-64) is", "meta.json recorded", "use another checkpoint"],
+        ),
+        "ckpt-meta-wrong-type": (
+            lambda: edited_meta(lambda meta: meta.update(num_classes="10")),
+            ValueError,
+            ["meta.json: 'num_classes' is '10' (str), not an integer", "restore the file"],
+        ),
+        "ckpt-meta-missing-key": (
+            lambda: edited_meta(lambda meta: meta.pop("model_kwargs")),
+            ValueError,
+            ["meta.json lacks the key(s) model_kwargs", "use another checkpoint"],
+        ),
+        "ckpt-state-wrong-content": (
+            lambda: read_training_state(checkpoint(tmp / "run8", 2)),  # training_state={'step': 2} only
+            ValueError,
+            ["training_state.pt lacks the entries epoch, samples_in_epoch", "--resume <step dir>"],
+        ),
+        "ckpt-state-holds-code": (
+            state_holding_code,
+            ValueError,
+            ["training_state.pt holds Python objects (torch.nn.modules.loss.CrossEntropyLoss)", "never code"],
+        ),
+        "ckpt-write-output-is-a-file": (
+            output_dir_is_a_file,
+            OSError,  # kat.training.checkpoint.CheckpointWriteError
+            ["cannot write checkpoint", "runs-file is a file, not a directory", "already there are intact"],
         ),
     }
 

@@ -241,6 +241,14 @@ def test_checkpoint_shared_without_training_state(tmp_path, data_dir):
         resolve_checkpoint(shared)
 
 
+def test_flags_share_train_py_names_and_keep_the_old_ones():
+    new = eval_cli.parse_args(["--checkpoint", "c", "--data_dir", "d", "--mixed_precision", "bf16"])
+    old = eval_cli.parse_args(["--checkpoint", "c", "--data", "d", "--amp", "bf16"])
+    assert (new.data_dir, new.mixed_precision) == (old.data_dir, old.mixed_precision) == ("d", "bf16")
+    assert eval_cli.parse_args(["--checkpoint", "c", "--amp", "none"]).mixed_precision == "no"
+    assert eval_cli.parse_args(["--checkpoint", "c"]).mixed_precision == "no"  # fp32 unless asked
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Errors: one line on stderr, exit code 2, no traceback
 

@@ -1,5 +1,6 @@
 """KAT from ViT weights: right after conversion the KAT computes the ViT's function (act2's GELU fit aside)."""
 
+import copy
 import math
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-import kat  # noqa: F401  (registers the KAT models)
+import kat.weights
 from kat.models.from_vit import kat_from_vit, vit_from_npz, vit_from_timm_name
 from kat.models.pretrained import CheckpointMismatchError, load_checkpoint_file
 from kat.rational.coefficients import init_coefficients
@@ -192,3 +193,47 @@ def test_init_from_config_keys(tmp_path):
         init_weights_from(
             timm.create_model("kat_tiny", **kat_kwargs), TrainConfig(init_from=str(tmp_path / "vit.npz"))
         )
+
+
+def test_weights_init_from_every_source(tmp_path):
+    """kat.weights.init_from, the config route's entry point: each kind of source, what it logs, its errors."""
+    vit = trained_like_vit(**NPZ_VIT)
+    save_augreg_npz(vit, tmp_path / "vit.npz")
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, tmp_path / "vit.safetensors")
+    kat_kwargs = {k: v for k, v in NPZ_VIT.items() if k != "num_classes"}
+
+    def fresh(**kwargs):
+        return timm.create_model("kat_tiny", **{**kat_kwargs, "act_init": "gelu", **kwargs})
+
+    untouched = fresh(num_classes=10)  # copied rather than built again: building a KAT is the slow part here
+    for source in (tmp_path / "vit.npz", tmp_path / "vit.safetensors"):
+        model = copy.deepcopy(untouched)
+        assert kat.weights.init_from(model, str(source)) == f"{source} (all weights)"
+        assert torch.equal(model.blocks[1].attn.qkv.weight, vit.blocks[1].attn.qkv.weight)
+        assert torch.equal(model.head.weight, vit.head.weight)
+
+    # A KAT's weights (a published-style .pth) into a KAT with another class count: all but the head.
+    torch.save({"model": model.state_dict(), "epoch": 3}, tmp_path / "kat.pth")  # the KAT* just made
+    model = copy.deepcopy(untouched)
+    model.reset_classifier(3)
+    assert kat.weights.init_from(model, str(tmp_path / "kat.pth")) == f"{tmp_path / 'kat.pth'} (all but the head)"
+    assert torch.equal(model.blocks[1].attn.qkv.weight, vit.blocks[1].attn.qkv.weight)
+    assert model.head.weight.shape == (3, 48)
+    weights = kat.weights.load(tmp_path / "kat.pth")
+    assert (weights.kind, weights.epoch, weights.meta, weights.ema) == ("file", 3, None, False)
+    assert kat.weights.load(tmp_path / "vit.npz").kind == "npz"
+
+    errors = [  # the first three fail before the model is touched
+        (lambda: kat.weights.init_from(model, "vit_tiny_patch16_224"), "runs never download weights"),
+        (lambda: kat.weights.init_from(model, str(tmp_path / "vit.npz"), "x.pth"), "is only read when"),
+        (lambda: kat.weights.init_from(model, str(tmp_path / "gone.pth")), "gone.pth does not exist"),
+        (
+            lambda: kat.weights.init_from(fresh(act_init="swish"), str(tmp_path / "vit.npz")),
+            "holds ViT weights (no rational coefficients)",
+        ),
+        (lambda: kat.weights.init_from(fresh(depth=3), str(tmp_path / "vit.npz")), "keys missing"),
+    ]
+    for call, words in errors:
+        with pytest.raises(ValueError) as error:
+            call()
+        assert words in str(error.value) and "\n" not in str(error.value), str(error.value)

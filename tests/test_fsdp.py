@@ -142,7 +142,7 @@ def worker(out: Path, mode: str) -> None:
                 model_state=weights,
                 ema_state=ema_weights,
                 training_state={"step": 2},
-                meta={"model": "tiny"},
+                meta={"model": "tiny", "model_kwargs": {}, "num_classes": 5},  # what read_checkpoint requires
                 keep=2,
                 is_best=False,
                 tmp=tmp,

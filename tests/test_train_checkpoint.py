@@ -5,6 +5,7 @@ import logging
 
 import pytest
 import torch
+import xxhash
 
 from kat.training.checkpoint import (
     list_checkpoints,
@@ -15,20 +16,30 @@ from kat.training.checkpoint import (
 )
 
 
-def save(run_dir, step, *, best=False, keep=2, ema=True):
-    weights = {"w": torch.full((2, 3), float(step)), "n": torch.tensor([step])}
-    state = {
+def training_state(step: int) -> dict:
+    """The entries the training loop writes and reads back (read_training_state checks them)."""
+    return {
         "step": step,
+        "epoch": 0,
+        "samples_in_epoch": 4 * step,
+        "global_batch_size": 4,
+        "best_top1": 0.0,
         "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999)}]},
+        "scheduler": {"last_epoch": step},
+        "scaler": None,
         "rng": [{"python": (3, tuple(range(625)), None), "torch": torch.get_rng_state()}],
     }
+
+
+def save(run_dir, step, *, best=False, keep=2, ema=True):
+    weights = {"w": torch.full((2, 3), float(step)), "n": torch.tensor([step])}
     return save_checkpoint(
         run_dir,
         step,
         model_state=weights,
         ema_state=weights if ema else None,
-        training_state=state,
-        meta={"model": "m", "step": step},
+        training_state=training_state(step),
+        meta={"model": "m", "model_kwargs": {}, "num_classes": 3, "step": step},
         keep=keep,
         is_best=best,
     )
@@ -45,13 +56,20 @@ def test_layout_pointers_and_reader(tmp_path):
     ]
     assert (tmp_path / "latest").read_text() == "step-00000005\n" == (tmp_path / "best").read_text()
     state_dict, meta = read_checkpoint(tmp_path)
+    checksums = meta.pop("xxh3_64")
     assert meta == {
         "format": "kat-checkpoint/1",
         "model": "m",
+        "model_kwargs": {},
+        "num_classes": 3,
         "step": 5,
         "has_ema": True,
         "optimizer_shards": False,
     }
+    # The checksums are those of the files as written.
+    assert sorted(checksums) == ["ema.safetensors", "model.safetensors", "training_state.pt"]
+    for name, value in checksums.items():
+        assert value == xxhash.xxh3_64((path / name).read_bytes()).hexdigest(), name
     assert torch.equal(state_dict["w"], torch.full((2, 3), 5.0)) and state_dict["n"].dtype == torch.int64
     assert read_training_state(path)["rng"][0]["python"][1][-1] == 624  # torch.load(weights_only=True)
     assert resolve_checkpoint(path) == path

@@ -10,9 +10,11 @@ the new one is in place. A write that fails (full disk, read-only or missing out
 directory and raises CheckpointWriteError, one line naming the path and the cause; the checkpoints already
 there stay as they were.
 
-meta.json records the CRC-32 of each file it lists (`crc32`); reading a weights file or training_state.pt
-checks it, so a flipped bit inside a file of the right size is refused instead of trained on. Checkpoints
-written before the checksums existed have no `crc32` and are read unchecked.
+meta.json records an xxh3-64 checksum of each file (`xxh3_64`), read back once the files are written;
+reading a weights file or training_state.pt checks it, so a flipped bit inside a file of the right size is
+refused instead of trained on. xxh3 rather than a cryptographic hash or zlib's CRC-32: it adds a fraction of
+the write time (docs/BENCHMARKS.md section 8), and bit rot is the concern, not forgery. Checkpoints written
+before the checksums existed have no `xxh3_64` and are read unchecked.
 
 A checkpoint damaged afterwards (a partial copy, a full disk, a truncated file) is recognised without loading
 it: every file must be present and whole (safetensors: header and size agree; training_state.pt: a complete
@@ -25,7 +27,6 @@ rank 0 completes it with `save_checkpoint`.
 
 import contextlib
 import errno
-import io
 import json
 import logging
 import os
@@ -34,11 +35,12 @@ import shutil
 import struct
 import time
 import zipfile
-import zlib
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+import xxhash
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from kat.models.pretrained import CheckpointError, MissingWeightsError, read_checkpoint_file
 
@@ -70,7 +72,7 @@ _META_TYPES = {
     "data_config": dict,
     "config": dict,
     "metrics": dict,
-    "crc32": dict,
+    "xxh3_64": dict,
 }
 _META_REQUIRED = ("model", "model_kwargs", "num_classes")
 # training_state.pt entries the training loop reads on resume, with their types (None: may be null).
@@ -121,19 +123,15 @@ def _write_pointer(run_dir: Path, name: str, target: str) -> None:
     _fsync_path(run_dir)
 
 
-def _crc32_file(path: Path) -> str:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            crc = zlib.crc32(chunk, crc)
-    return f"{crc:08x}"
-
-
-def _write_file(path: Path, data: bytes) -> str:
-    """Write `data` to `path`; returns its CRC-32 (computed on the bytes in memory, not read back)."""
-    with open(path, "wb") as f:
-        f.write(data)
-    return f"{zlib.crc32(data):08x}"
+def checksum(path: Path) -> str:
+    """xxh3-64 of a file as 16 hex digits, read in 1 MiB pieces into one buffer (no allocation per piece)."""
+    digest = xxhash.xxh3_64()
+    buffer = bytearray(1 << 20)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while size := f.readinto(buffer):
+            digest.update(view[:size])
+    return digest.hexdigest()
 
 
 def _safetensors_whole(path: Path) -> bool:
@@ -259,15 +257,15 @@ def read_meta(checkpoint_dir: Path) -> dict:
 
 
 def verify_file(checkpoint_dir: Path, name: str, meta: dict) -> None:
-    """Check `name` against the CRC-32 meta.json recorded for it (checkpoints from before checksums: no check)."""
-    expected = (meta.get("crc32") or {}).get(name)
+    """Check `name` against the checksum meta.json recorded for it (checkpoints from before checksums: none)."""
+    expected = (meta.get("xxh3_64") or {}).get(name)
     if expected is None:
         return
-    actual = _crc32_file(checkpoint_dir / name)
+    actual = checksum(checkpoint_dir / name)
     if actual != expected:
         raise CheckpointError(
-            f"{checkpoint_dir / name} is damaged: its CRC-32 is {actual}, meta.json recorded {expected} (bit rot "
-            "or a modified file); use another checkpoint"
+            f"{checkpoint_dir / name} is damaged: its checksum (xxh3-64) is {actual}, meta.json recorded "
+            f"{expected} (bit rot or a modified file); use another checkpoint"
         )
 
 
@@ -292,9 +290,9 @@ def read_training_state(checkpoint_dir: Path) -> dict:
     """training_state.pt, checksum verified and its entries checked; read as data (weights_only=True)."""
     meta = read_meta(checkpoint_dir)
     path = checkpoint_dir / STATE_FILE
-    # Read (as data) before the checksum check, so that a file holding code is reported as such.
+    # Read (as data) and checked before the checksum, so that a file holding code, or a file from elsewhere,
+    # is reported as what it is rather than as a checksum mismatch.
     state = read_checkpoint_file(path, code_fix=f"kat writes only tensors and plain values there: {_STATE_FIX}.")
-    verify_file(checkpoint_dir, STATE_FILE, meta)
     missing = [key for key in _STATE_TYPES if key not in state]
     if missing:
         raise CheckpointError(f"{path} lacks the entries {', '.join(missing)}; {_STATE_FIX}")
@@ -302,6 +300,7 @@ def read_training_state(checkpoint_dir: Path) -> dict:
         wrong = _type_error(str(path), key, state[key], expected)
         if wrong:
             raise CheckpointError(f"{wrong}; {_STATE_FIX}")
+    verify_file(checkpoint_dir, STATE_FILE, meta)
     return state
 
 
@@ -317,21 +316,38 @@ def checkpoint_tmp_dir(run_dir: Path, step: int) -> Path:
     return run_dir / f"{_TMP_PREFIX}{step:08d}"
 
 
-def _write_error(path: Path, error: OSError) -> CheckpointWriteError:
-    """One line naming what could not be written and why, in words rather than an errno."""
-    causes = {
-        errno.ENOSPC: "no space left on device",
-        errno.EDQUOT: "disk quota exceeded",
-        errno.EROFS: "read-only file system",
-        errno.EACCES: "permission denied",
-        errno.EPERM: "permission denied",
-    }
-    cause = causes.get(error.errno) or (error.strerror or str(error)).lower()
-    if error.errno in (errno.ENOTDIR, errno.EEXIST):
-        blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
-        if blocking is not None:
-            cause = f"{blocking} is a file, not a directory"
-    where = f" (writing {error.filename})" if error.filename else ""
+_CAUSES = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
+
+
+def _write_error(path: Path, error: Exception) -> CheckpointWriteError:
+    """One line naming what could not be written and why, in words rather than an errno.
+
+    safetensors (Rust) names the OS error in its message, "(os error 28)"; torch.save does not ("unexpected pos
+    ..."), so then the file system itself is asked: read-only, or (next to) no space left.
+    """
+    code = getattr(error, "errno", None)
+    if code is None and (match := re.search(r"\(os error (\d+)\)", str(error))):
+        code = int(match.group(1))
+    cause = _CAUSES.get(code)
+    blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    existing = next(p for p in (path, *path.parents) if p.is_dir())
+    if blocking is not None:
+        cause = f"{blocking} is a file, not a directory"
+    elif cause is None:
+        disk = os.statvfs(existing)
+        if disk.f_flag & os.ST_RDONLY:
+            cause = "read-only file system"
+        elif disk.f_bavail * disk.f_frsize < 1 << 20:
+            cause = "no space left on device"
+        else:
+            cause = (str(error).strip() or type(error).__name__).splitlines()[0]
+    where = f" (writing {error.filename})" if getattr(error, "filename", None) else ""
     return CheckpointWriteError(
         f"cannot write checkpoint {path}: {cause}{where}; the checkpoints already there are intact"
     )
@@ -389,21 +405,25 @@ def save_checkpoint(
         _write_pointer(run_dir, "latest", name)
         if is_best:
             _write_pointer(run_dir, "best", name)
-    except OSError as error:
+    except (OSError, SafetensorError, RuntimeError) as error:  # the last two: safetensors' and torch.save's
+        failure = _write_error(final, error)  # before the partial write is removed: it may be what filled the disk
         _remove_partial(run_dir, tmp)
-        raise _write_error(final, error) from None
+        raise failure from None
     _prune(run_dir, keep)
     return final
 
 
 def _write_checkpoint(tmp: Path, model_state: dict, ema_state: dict | None, training_state: dict, meta: dict):
-    """The checkpoint's files in `tmp`, fsynced; meta.json (last) records their CRC-32."""
-    crc32 = {MODEL_FILE: _write_file(tmp / MODEL_FILE, save(_cpu_fp32(model_state), metadata={"format": "pt"}))}
+    """The checkpoint's files in `tmp`, fsynced; meta.json (last) records their checksums.
+
+    The checksums are read back from the written files, which are still in the page cache.
+    """
+    save_file(_cpu_fp32(model_state), tmp / MODEL_FILE, metadata={"format": "pt"})
     if ema_state is not None:
-        crc32[EMA_FILE] = _write_file(tmp / EMA_FILE, save(_cpu_fp32(ema_state), metadata={"format": "pt"}))
-    buffer = io.BytesIO()
-    torch.save(training_state, buffer)
-    crc32[STATE_FILE] = _write_file(tmp / STATE_FILE, buffer.getbuffer())
+        save_file(_cpu_fp32(ema_state), tmp / EMA_FILE, metadata={"format": "pt"})
+    with open(tmp / STATE_FILE, "wb") as f:  # closed even when a write fails (torch.save(path) leaves it open)
+        torch.save(training_state, f)
+    checksums = {name: checksum(tmp / name) for name in (MODEL_FILE, EMA_FILE, STATE_FILE) if (tmp / name).is_file()}
     optimizer_shards = (tmp / OPTIMIZER_SHARDS).is_dir()
     (tmp / META_FILE).write_text(
         json.dumps(
@@ -412,7 +432,7 @@ def _write_checkpoint(tmp: Path, model_state: dict, ema_state: dict | None, trai
                 **meta,
                 "has_ema": ema_state is not None,
                 "optimizer_shards": optimizer_shards,
-                "crc32": crc32,
+                "xxh3_64": checksums,
             },
             indent=2,
         )
