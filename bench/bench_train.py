@@ -68,7 +68,7 @@ class Runner:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = self.model(self.images)
         loss = F.cross_entropy(logits.float(), self.targets)
-        with torch.autograd.set_multithreading_enabled(False):  # as train.py runs it (kat/training/loop.py)
+        with torch.autograd.set_multithreading_enabled(False):  # as train.py runs it (kat/training/engine.py)
             loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

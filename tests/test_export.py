@@ -31,7 +31,7 @@ def tiny_model(seed: int) -> torch.nn.Module:
 
 
 def save_run(run_dir, step: int = 7, ema: bool = True) -> tuple[dict, dict | None]:
-    """A checkpoint as train.py writes it (see Trainer._save), with different model and EMA weights."""
+    """A checkpoint as train.py writes it (see Trainer.save), with different model and EMA weights."""
     model_state = tiny_model(0).state_dict()
     ema_state = tiny_model(1).state_dict() if ema else None
     meta = {

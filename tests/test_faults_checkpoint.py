@@ -17,7 +17,7 @@ import pytest
 import timm
 import torch
 import yaml
-from kat.training.loop import Trainer, train
+from kat.training.engine import Trainer, train
 
 import eval as eval_cli
 import kat.weights
@@ -146,7 +146,7 @@ def test_checkpoints_without_checksums_still_load(run, capsys):
     assert read_training_state(step)["step"] == 1
     trainer = Trainer(config(data, run_dir.parent, "--max_steps", "2"))
     assert trainer.step == 1 and torch.equal(
-        trainer.raw_model.state_dict()["pos_embed"], state_dict["pos_embed"]
+        trainer.parts.raw_model.state_dict()["pos_embed"], state_dict["pos_embed"]
     )
     argv = ["--checkpoint", run_dir, "--data_dir", data, "--workers", "0", "--no_progress"]
     assert eval_cli.main([str(a) for a in argv]) == 0
