@@ -17,7 +17,6 @@ import pytest
 import timm
 import torch
 import yaml
-from kat.training.engine import Trainer, train
 
 import eval as eval_cli
 import kat.weights
@@ -30,6 +29,7 @@ from kat.training.checkpoint import (
     save_checkpoint,
 )
 from kat.training.config import parse_config
+from kat.training.engine import Trainer, train
 
 ARCH = "{img_size: 28, patch_size: 14, depth: 1, embed_dim: 32, num_heads: 2}"
 QUIET = ["--wandb_mode", "disabled", "--plot_rationals", "false", "--workers", "0"]
