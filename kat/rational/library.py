@@ -37,8 +37,9 @@ WRAP = torch.library.wrap_triton if TRACEABLE_KERNELS else direct
 
 
 def exporting() -> bool:
-    """Whether an exporter is tracing: torch.onnx.export (TorchScript-based) or torch.export (dynamo ONNX)."""
-    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+    """Whether torch.onnx.export is tracing (either exporter). Not torch.compiler.is_exporting: on torch 2.11
+    it is True under torch.compile too, which then compiled the reference instead of our kernels."""
+    return torch.onnx.is_in_onnx_export()
 
 
 _SCHEMA_TYPES = {"Tensor": Tensor, "Tensor?": Tensor | None, "float": float, "str": str, "ScalarType": torch.dtype}
@@ -48,7 +49,7 @@ def _signature(schema: str) -> inspect.Signature:
     """The Python signature of a schema such as "(Tensor x, Tensor? bias, str backend) -> (Tensor, Tensor)".
 
     torch.library infers an op's schema from its function's annotated signature; our op bodies take *args, so
-    they carry this one (`__signature__`). triton_op accepts no explicit schema before torch 2.12 or so.
+    they carry this one (`__signature__`): torch 2.11's triton_op takes no explicit schema.
     """
     arguments, returns = schema.split(" -> ")
     parameters = [
