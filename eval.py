@@ -111,7 +111,7 @@ def load_checkpoint(args) -> tuple[torch.nn.Module, dict, dict | None]:
     except MissingWeightsError as e:  # unlike timm's loader, never fall back to the other weights
         raise EvalError(f"{e}; {'drop' if args.ema else 'pass'} --ema") from None
     except ValueError as e:  # CheckpointError, or a ViT .npz that timm cannot read
-        raise EvalError(_first_line(e)) from None
+        raise EvalError(kat.weights.first_line(e)) from None
     meta = weights.meta
     identity = dict(
         model=meta["model"] if meta else args.model,
@@ -171,7 +171,7 @@ def build_dataset(data_dir: Path, split: str, data_config: dict) -> ImageFolderD
     try:
         dataset = ImageFolderDataset(split_dir, transform, max_bad_images=0)
     except (DataError, FileNotFoundError) as e:
-        raise EvalError(_first_line(e)) from e
+        raise EvalError(kat.weights.first_line(e)) from e
     if len(dataset) == 0:
         raise EvalError(f"{split_dir} holds no images (expected {split_dir}/<class>/<image>)")
     return dataset
@@ -321,11 +321,6 @@ def _yaml_mapping(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a mapping like '{{img_size: 384}}', got {text!r}")
     return value
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
 
 
 def _abbrev(items: list, limit: int = 5) -> str:

@@ -177,7 +177,7 @@ def create_model(
         reference = timm.create_model(name, **kwargs, **head)
         mismatch = "; ".join(describe_mismatch(reference.state_dict(), weights.state_dict))
         raise CheckpointMismatchError(
-            f"{weights.description} does not fit model {name}: {mismatch or _first_line(error)}"
+            f"{weights.description} does not fit model {name}: {mismatch or first_line(error)}"
         ) from None
     built.pretrained_cfg.pop("state_dict", None)  # do not keep a second reference to the weights
     return built.eval(), weights
@@ -194,5 +194,6 @@ def _head_num_classes(model_name: str, state_dict: dict) -> int | None:
     return None
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """An exception's message as one line (its type's name if it has none), for one-line errors."""
     return (str(error).strip() or type(error).__name__).splitlines()[0]

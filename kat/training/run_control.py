@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
 STALE_AFTER = 3600.0  # seconds without a refresh after which another host's lock counts as abandoned
+REFRESH_EVERY = 60.0  # seconds between refreshes: far inside STALE_AFTER, and no file-system call per step
 
 
 class RunDirLocked(RuntimeError):
@@ -30,6 +31,7 @@ class RunLock:
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK_FILE
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        self._refreshed = time.monotonic()
 
     def acquire(self) -> None:
         """Take the lock, or raise RunDirLocked naming the live holder; the run dir must exist."""
@@ -45,8 +47,12 @@ class RunLock:
         raise RunDirLocked(f"{self.path} was re-created by another run while this one started; try again")
 
     def refresh(self) -> None:
-        """Mark the lock as alive (its modification time), for runs on other hosts that find it."""
-        os.utime(self.path)
+        """Mark the lock as alive (its modification time), for runs on other hosts that find it; called every
+        logged step, it touches the file at most every REFRESH_EVERY seconds."""
+        now = time.monotonic()
+        if now - self._refreshed >= REFRESH_EVERY:
+            os.utime(self.path)
+            self._refreshed = now
 
     def release(self) -> None:
         if self._holder() == self.owner:
